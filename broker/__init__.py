@@ -1,0 +1,1 @@
+"""Orders, their life cycle, the journal, gateway clients and the broker simulator."""

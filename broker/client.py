@@ -1,0 +1,110 @@
+"""The daemon's client of the native order gateway: sends orders, hears execution reports."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import cast
+from collections.abc import Callable
+
+import msgpack
+
+from broker import protocol as wire
+from broker.errors import FrameError
+from broker.framing import FrameReader
+from broker.reconnect import Backoff, ClosingProtocol, keep_connected
+
+
+class _GatewayProtocol(ClosingProtocol):
+    def __init__(self, client: GatewayClient) -> None:
+        super().__init__()
+        self._client = client
+        self._reader = FrameReader(client.max_frame_bytes)
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        self._client._attach(transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            for obj in self._reader.feed(data):
+                self._client._dispatch(wire.decode(obj))
+        except FrameError as exc:
+            self._client.on_event("frame_error", str(exc))
+            assert self._transport is not None
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._detach()
+        super().connection_lost(exc)
+
+
+class GatewayClient:
+    """One connection to the broker, kept up with backoff. ``send`` never blocks."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        on_report: Callable[[wire.ExecReport], None],
+        on_event: Callable[[str, str], None],
+        backoff: Backoff,
+        max_frame_bytes: int = 65536,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.on_report = on_report
+        self.on_event = on_event
+        self.backoff = backoff
+        self.max_frame_bytes = max_frame_bytes
+        self._transport: asyncio.Transport | None = None
+        self._packer = msgpack.Packer()
+        self._stopping = asyncio.Event()
+        self.connected_event = asyncio.Event()
+        self.malformed = 0
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    async def run(self) -> None:
+        await keep_connected(
+            lambda: _GatewayProtocol(self), self.host, self.port, self.backoff, self._stopping, self.on_event
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def send(self, message: wire.NewOrder | wire.Cancel) -> bool:
+        """Write one message; False when there is no connection to write it to."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        transport.write(self._packer.pack(wire.encode(message)))
+        return True
+
+    def _attach(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.connects += 1
+        self.connected_event.set()
+
+    def _detach(self) -> None:
+        self._transport = None
+        self.connected_event.clear()
+
+    def _dispatch(self, message: wire.GatewayMessage) -> None:
+        match message:
+            case wire.ExecReport():
+                self.on_report(message)
+            case wire.Heartbeat():
+                pass
+            case wire.Malformed(detail=detail):
+                self.malformed += 1
+                self.on_event("malformed", detail)
+            case _:
+                self.malformed += 1
+                self.on_event("malformed", f"unexpected {type(message).__name__} from broker")

@@ -1,0 +1,60 @@
+"""Length-limited reading of a msgpack byte stream (the feed and the native gateway share it).
+
+msgpack is self-delimiting, so a streaming unpacker finds the frames. A frame over the limit, or
+bytes that are not msgpack, raise ``FrameError``: a byte stream cannot resync, so the caller
+drops the connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import msgpack
+
+from broker.errors import FrameError
+
+
+class FrameReader:
+    """Feed it bytes as they arrive; iterate the complete objects they finish."""
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self.max_frame_bytes = max_frame_bytes
+        limit = max_frame_bytes
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=False,
+            max_buffer_size=2 * limit + 1,
+            max_str_len=limit,
+            max_bin_len=limit,
+            max_array_len=limit,
+            max_map_len=limit,
+            max_ext_len=limit,
+        )
+        self._fed = 0
+        self._consumed = 0
+
+    def feed(self, data: bytes) -> Iterator[object]:
+        limit = self.max_frame_bytes
+        view = memoryview(data)
+        unpacker = self._unpacker
+        for start in range(0, len(view), limit):
+            piece = view[start : start + limit]
+            try:
+                unpacker.feed(piece)
+            except msgpack.BufferFull as exc:
+                raise FrameError("oversized_frame", f"a frame exceeds {limit} bytes") from exc
+            self._fed += len(piece)
+            while True:
+                try:
+                    obj = unpacker.unpack()
+                except msgpack.OutOfData:
+                    break
+                except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                    raise FrameError("not_msgpack", str(exc) or f"{type(exc).__name__}: invalid type byte") from exc
+                end = unpacker.tell()
+                size, self._consumed = end - self._consumed, end
+                if size > limit:
+                    raise FrameError("oversized_frame", f"a {size}-byte frame exceeds {limit} bytes")
+                yield obj
+            if self._fed - self._consumed > limit:
+                raise FrameError("oversized_frame", f"a frame exceeds {limit} bytes ({self._fed - self._consumed} so far)")

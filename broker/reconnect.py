@@ -1,0 +1,76 @@
+"""Keep one TCP client connection up, reconnecting with capped, jittered exponential backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Delays of initial, 2x, 4x ... capped at ``maximum``, each with up to 20 % jitter."""
+
+    initial_s: float
+    maximum_s: float
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    _next: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._next = self.initial_s
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2.0, self.maximum_s)
+        return delay * (1.0 + 0.2 * self.rng.random())
+
+    def reset(self) -> None:
+        self._next = self.initial_s
+
+
+class ClosingProtocol(asyncio.Protocol):
+    """A protocol whose ``closed`` future resolves when its connection ends."""
+
+    def __init__(self) -> None:
+        self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+
+async def keep_connected(
+    make_protocol: Callable[[], ClosingProtocol],
+    host: str,
+    port: int,
+    backoff: Backoff,
+    stopping: asyncio.Event,
+    on_event: Callable[[str, str], None],
+) -> None:
+    """Connect, wait for the connection to end, back off, repeat, until ``stopping`` is set.
+
+    ``on_event(kind, detail)`` hears ``connected``, ``connect_failed`` and ``disconnected``.
+    """
+    loop = asyncio.get_running_loop()
+    while not stopping.is_set():
+        try:
+            transport, protocol = await loop.create_connection(make_protocol, host, port)
+        except OSError as exc:
+            on_event("connect_failed", f"{host}:{port}: {exc.strerror or exc}")
+        else:
+            backoff.reset()
+            on_event("connected", f"{host}:{port}")
+            stop_wait = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({protocol.closed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if not protocol.closed.done():
+                transport.close()
+                await protocol.closed
+            reason = protocol.closed.result()
+            on_event("disconnected", f"{host}:{port}: {reason or 'closed'}")
+            if stopping.is_set():
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), timeout=backoff.next())

@@ -1,0 +1,1 @@
+"""tradingd: process lifecycle, config, event loop, feed ingest, windows, batcher, policy, CLI."""

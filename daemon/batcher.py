@@ -1,0 +1,77 @@
+"""The micro-batcher: which symbols wait for inference, and when their batch is due.
+
+Synchronous and clock-free: the caller passes times in. A batch is due on ``minute_end``, when
+``max_batch`` symbols wait, or ``max_delay_ns`` after the first of them started waiting. Each
+symbol waits at most once: a newer bar for a waiting symbol supersedes the older (its window
+already holds the newer bar), which is counted, so the queue is bounded by the universe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    symbols: npt.NDArray[np.int64]
+    ts_recv: list[int]
+    ts_event: list[int]
+    close: list[float]
+
+    def __len__(self) -> int:
+        return len(self.ts_recv)
+
+
+class Batcher:
+    def __init__(self, n_symbols: int, max_batch: int, max_delay_ns: int) -> None:
+        self.max_batch = max_batch
+        self.max_delay_ns = max_delay_ns
+        self._waiting = [False] * n_symbols
+        self._queue: list[int] = []
+        self._since: list[int] = []  # when each queued symbol started waiting
+        self._ts_recv = [0] * n_symbols
+        self._ts_event = [0] * n_symbols
+        self._close = [0.0] * n_symbols
+        self.superseded = 0
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, i: int, ts_recv: int, ts_event: int, close: float) -> bool:
+        """Queue symbol ``i`` for inference; True when a full batch is now waiting."""
+        self._ts_recv[i] = ts_recv
+        self._ts_event[i] = ts_event
+        self._close[i] = close
+        if self._waiting[i]:
+            self.superseded += 1
+            return False
+        self._waiting[i] = True
+        self._queue.append(i)
+        self._since.append(ts_recv)
+        return len(self._queue) >= self.max_batch
+
+    def deadline_ns(self) -> int | None:
+        """When the oldest waiting symbol's delay runs out, or None if none waits."""
+        return self._since[0] + self.max_delay_ns if self._since else None
+
+    def due(self, now_ns: int) -> bool:
+        return bool(self._queue) and (
+            len(self._queue) >= self.max_batch or now_ns - self._since[0] >= self.max_delay_ns
+        )
+
+    def take(self) -> Batch:
+        """The oldest ``max_batch`` (or fewer) waiting symbols, which stop waiting."""
+        taken = self._queue[: self.max_batch]
+        del self._queue[: self.max_batch]
+        del self._since[: len(taken)]
+        for i in taken:
+            self._waiting[i] = False
+        return Batch(
+            symbols=np.array(taken, dtype=np.int64),
+            ts_recv=[self._ts_recv[i] for i in taken],
+            ts_event=[self._ts_event[i] for i in taken],
+            close=[self._close[i] for i in taken],
+        )

@@ -1,0 +1,253 @@
+"""The ``tradingd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+import uvloop
+
+from daemon.errors import EX_CONFIG, ConfigError
+from daemon.logs import configure_logging
+from engines.errors import EngineError, ManifestError, ModelMismatchError
+
+# The export extra's default buckets, without importing torch to print --help.
+DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256)
+
+T = TypeVar("T")
+log = structlog.get_logger("tradingd.cli")
+
+
+def _run_async(coro: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _announce(host: str, port: int) -> None:
+    """The first stdout line of a server command, which the demo and tests read for the port."""
+    sys.stdout.write(f"LISTENING {host}:{port}\n")
+    sys.stdout.flush()
+
+
+async def _serve_until_signalled(close: Any) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await close()
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.app import Daemon  # noqa: PLC0415
+    from daemon.config import load_config  # noqa: PLC0415
+
+    config = load_config(Path(args.config))
+    configure_logging(config.log.level)
+
+    async def main() -> None:
+        daemon = Daemon(config, config_file=args.config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.request_stop)
+        try:
+            await daemon.start(status=lambda s: log.info("status", status=s))
+            await daemon.wait_stopped()
+        finally:
+            await daemon.shutdown()
+
+    _run_async(main())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon.demo import DemoError, DemoOptions, dumps, render_text, run_demo  # noqa: PLC0415
+
+    configure_logging("warning")
+    options = DemoOptions(minutes=args.minutes, symbols=args.symbols, data=args.data, seed=args.seed)
+    try:
+        summary = _run_async(run_demo(options))
+    except DemoError as exc:
+        print(f"tradingd demo: {exc}", file=sys.stderr)
+        return 1
+    print(dumps(summary) if args.json else render_text(summary))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from daemon.feed.replay import ReplayError, ReplayServer, load_csv  # noqa: PLC0415
+
+    try:
+        minutes = load_csv(Path(args.file))
+    except (OSError, ReplayError) as exc:
+        print(f"tradingd replay: {exc}", file=sys.stderr)
+        return 1
+
+    async def main() -> None:
+        server = ReplayServer(minutes, speed=args.speed)
+        port = await server.start(args.host, args.port)
+        _announce(args.host, port)
+        await _serve_until_signalled(server.close)
+
+    _run_async(main())
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from daemon.feed.synth import SynthParams, generate, write_csv  # noqa: PLC0415
+
+    universe = generate(SynthParams(symbols=args.symbols, minutes=args.minutes, seed=args.seed))
+    rows = write_csv(universe, Path(args.out))
+    print(f"wrote {rows} bars ({args.symbols} symbols x {args.minutes} minutes, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def cmd_broker_sim(args: argparse.Namespace) -> int:
+    from broker.sim import BrokerSimulator, SimConfig  # noqa: PLC0415
+
+    config = SimConfig(
+        latency_us=args.latency_us, partial_fills=args.partial_fills, reject_rate=args.reject_rate, seed=args.seed
+    )
+
+    async def main() -> None:
+        sim = BrokerSimulator(config, Path(args.log) if args.log else None)
+        port = await sim.start(args.host, args.port)
+        _announce(args.host, port)
+        await _serve_until_signalled(sim.close)
+
+    _run_async(main())
+    return 0
+
+
+def cmd_model_export(args: argparse.Namespace) -> int:
+    from engines.model.export import export_onnx  # noqa: PLC0415
+    from engines.model.qwen_signal import load_checkpoint  # noqa: PLC0415
+
+    from engines.chooser import DEFAULT_MODEL  # noqa: PLC0415
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_MODEL.parent / "checkpoint"
+    print(f"loading checkpoint {checkpoint}", file=sys.stderr)
+    model, meta = load_checkpoint(checkpoint)
+    print("exporting to ONNX (dynamo exporter, dynamic batch)", file=sys.stderr)
+    path = export_onnx(model, meta, Path(args.out), buckets=tuple(args.buckets))
+    print(f"wrote {path} and {path.with_name(path.stem + '.manifest.json').name}")
+    return 0
+
+
+def cmd_model_train(args: argparse.Namespace) -> int:
+    from daemon.feed.synth import SynthParams, generate  # noqa: PLC0415
+    from engines.model.export import export_onnx  # noqa: PLC0415
+    from engines.model.qwen_signal import save_checkpoint  # noqa: PLC0415
+    from engines.model.train import train  # noqa: PLC0415
+
+    universe = generate(SynthParams(symbols=args.symbols, minutes=args.minutes, seed=args.seed))
+    print(f"training on {args.symbols} synthetic symbols x {args.minutes} minutes for {args.steps} steps",
+          file=sys.stderr)
+    model, meta, report = train(
+        list(universe.values()), steps=args.steps, seed=args.seed, window=args.window, name=args.name,
+        hidden=args.hidden, layers=args.layers,
+        version=args.version, progress=lambda step, loss: print(f"  step {step}/{args.steps} loss {loss:.4f}", file=sys.stderr),
+    )
+    out = Path(args.out)
+    save_checkpoint(model, meta, out / "checkpoint")
+    path = export_onnx(model, meta, out, buckets=tuple(args.buckets))
+    print(f"holdout accuracy {report.holdout_accuracy:.3f}, direction accuracy {report.holdout_direction_accuracy:.3f}"
+          f" on {report.holdout_samples} windows; trained in {report.seconds:.1f} s")
+    print(f"wrote {out / 'checkpoint'} and {path}")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tradingd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run the daemon")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="feed, daemon and broker simulator on this machine, then a summary")
+    p.add_argument("--minutes", type=int, default=30)
+    p.add_argument("--symbols", type=int, default=64)
+    p.add_argument("--data", type=Path, help="replay this CSV instead of synthetic bars")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("replay", help="serve a CSV of minute bars as a feed")
+    p.add_argument("file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True, help="0 picks a free port (printed on stdout)")
+    p.add_argument("--speed", type=float, default=1.0, help="multiple of real time; 0 = as fast as possible")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("synth", help="write a synthetic universe of minute bars")
+    p.add_argument("--symbols", type=int, required=True)
+    p.add_argument("--minutes", type=int, required=True)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("broker-sim", help="a broker simulator on the native gateway protocol")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True, help="0 picks a free port (printed on stdout)")
+    p.add_argument("--log", help="append every order received as a JSON line")
+    p.add_argument("--latency-us", type=int, default=0)
+    p.add_argument("--partial-fills", type=int, default=1)
+    p.add_argument("--reject-rate", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_broker_sim)
+
+    model = sub.add_parser("model", help="signal model tools (need the export extra)")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("export", help="export a signal checkpoint to ONNX with its manifest")
+    p.add_argument("--checkpoint", help="checkpoint directory (default: the shipped model's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
+    p.set_defaults(func=cmd_model_export)
+    p = msub.add_parser("train", help="train a small signal model on synthetic bars, then export it")
+    p.add_argument("--out", required=True)
+    p.add_argument("--symbols", type=int, default=64)
+    p.add_argument("--minutes", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=32, help="Qwen3 hidden size")
+    p.add_argument("--layers", type=int, default=2, help="Qwen3 decoder layers")
+    p.add_argument("--name", default="qwen-signal")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
+    p.set_defaults(func=cmd_model_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"tradingd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except (ManifestError, ModelMismatchError) as exc:
+        print(f"tradingd: model error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except EngineError as exc:
+        print(f"tradingd: engine error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        if exc.name in {"torch", "transformers", "onnx", "onnxscript", "safetensors"}:
+            print(f"tradingd: {exc.name} is missing; install the export extra: pip install 'tradingd[export]'",
+                  file=sys.stderr)
+            return 1
+        raise

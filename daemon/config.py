@@ -1,0 +1,165 @@
+"""Configuration: one TOML file, frozen typed sections, validated at this one load point.
+
+Unknown keys and bad values are errors that name the file and the key (``ConfigError``); the
+CLI turns them into exit code 78. ``deploy/tradingd.example.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from daemon.errors import ConfigError
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+Symbol = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._/-]+$")]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class FeedConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Port = 7001
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
+    reconnect_initial_ms: PositiveInt = 50
+    reconnect_max_ms: PositiveInt = 5000
+
+
+class UniverseConfig(_Section):
+    symbols: Annotated[tuple[Symbol, ...], msgspec.Meta(min_length=1)] = ("SPY",)
+
+
+class BatchConfig(_Section):
+    max_batch: PositiveInt = 256
+    max_delay_us: Annotated[int, msgspec.Meta(ge=0)] = 1000
+
+
+class EngineConfig(_Section):
+    backend: Literal["onnxruntime"] = "onnxruntime"
+    model: str = "builtin"
+    sha256: str | None = None
+    batch_buckets: tuple[PositiveInt, ...] | None = None
+    intra_op_threads: PositiveInt = 1
+    inter_op_threads: PositiveInt = 1
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    allow_spinning: bool = False
+
+
+class EnginesConfig(_Section):
+    primary: EngineConfig = EngineConfig()
+    standby: EngineConfig | None = None
+
+
+class SignalConfig(_Section):
+    confidence_threshold: Fraction = 0.5
+    lot_size: PositiveInt = 1
+    notional_per_signal: PositiveFloat = 10_000.0
+    limit_offset_bps: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 0.0
+    allow_short: bool = True
+
+
+class RiskConfig(_Section):
+    max_order_qty: PositiveInt = 100_000
+    max_order_notional: PositiveFloat = 5_000_000.0
+
+
+class BrokerConfig(_Section):
+    protocol: Literal["native"] = "native"
+    host: str = "127.0.0.1"
+    port: Port = 7002
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 65536
+    reconnect_initial_ms: PositiveInt = 50
+    reconnect_max_ms: PositiveInt = 5000
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9108
+
+
+class AdminConfig(_Section):
+    socket: str = "/run/tradingd/admin.sock"
+    operators: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = (0,)
+
+
+class JournalConfig(_Section):
+    path: str = "/var/lib/tradingd/journal.msgpack"
+    fsync: Literal["none", "batch", "always"] = "batch"
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    feed: FeedConfig = FeedConfig()
+    universe: UniverseConfig = UniverseConfig()
+    batch: BatchConfig = BatchConfig()
+    engine: EnginesConfig = EnginesConfig()
+    signal: SignalConfig = SignalConfig()
+    risk: RiskConfig = RiskConfig()
+    broker: BrokerConfig = BrokerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    admin: AdminConfig = AdminConfig()
+    journal: JournalConfig = JournalConfig()
+    log: LogConfig = LogConfig()
+
+
+_AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<where>[^`]*)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+
+
+def _key_path(where: str) -> str:
+    return where.removeprefix(".") or "(top level)"
+
+
+def parse_config(raw: dict[str, Any], file: str) -> Config:
+    """Validate a decoded TOML document; every error names the key."""
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _AT.match(message)
+        problem, where = (match["problem"], match["where"]) if match else (message, "")
+        unknown = _UNKNOWN.match(problem)
+        if unknown:
+            key = ".".join(p for p in (_key_path(where) if where else "", unknown["field"]) if p)
+            raise ConfigError(file, key, "unknown key") from exc
+        raise ConfigError(file, _key_path(where), problem) from exc
+    _check(config, file)
+    return config
+
+
+def _check(config: Config, file: str) -> None:
+    symbols = config.universe.symbols
+    if len(set(symbols)) != len(symbols):
+        dupes = sorted({s for s in symbols if symbols.count(s) > 1})
+        raise ConfigError(file, "universe.symbols", f"duplicate symbols {dupes}")
+    for section in ("feed", "broker"):
+        part = getattr(config, section)
+        if part.reconnect_initial_ms > part.reconnect_max_ms:
+            raise ConfigError(file, f"{section}.reconnect_initial_ms", "must not exceed reconnect_max_ms")
+    buckets = config.engine.primary.batch_buckets
+    if buckets is not None and list(buckets) != sorted(set(buckets)):
+        raise ConfigError(file, "engine.primary.batch_buckets", f"must be strictly increasing: {list(buckets)}")
+
+
+def load_config(path: Path) -> Config:
+    """Read, parse and validate one TOML file."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), "(file)", "no such file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "(syntax)", str(exc)) from exc
+    return parse_config(raw, str(path))

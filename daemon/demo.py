@@ -1,0 +1,219 @@
+"""``tradingd demo``: the whole minute loop on this machine, on embedded defaults.
+
+Starts the broker simulator and a replay feed as their own processes on free loopback ports,
+runs the daemon with the CPU engine in this process, replays the data at full speed while
+showing progress, and returns a summary in which every bar and every order intent is accounted
+for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import orjson
+
+from broker.orders import FINAL, OrderState
+from daemon.app import Daemon
+from daemon.config import BrokerConfig, Config, FeedConfig, JournalConfig, MetricsConfig, UniverseConfig
+from daemon.feed.replay import load_csv, symbols_of
+from daemon.feed.synth import SynthParams, generate, write_csv
+
+
+class DemoError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    minutes: int = 30
+    symbols: int = 64
+    data: Path | None = None
+    seed: int = 1
+    timeout_s: float = 300.0
+    workdir: Path | None = None
+
+
+async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
+    """Start ``tradingd <args>`` and read the port from its ``LISTENING host:port`` line."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "daemon", *args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+    except TimeoutError as exc:
+        proc.kill()
+        raise DemoError(f"tradingd {args[0]} did not start within 30 s") from exc
+    text = line.decode().strip()
+    if not text.startswith("LISTENING "):
+        proc.kill()
+        raise DemoError(f"tradingd {args[0]} failed to start (said {text!r}, exit {proc.returncode})")
+    return proc, int(text.rsplit(":", 1)[1])
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+def _progress(out: TextIO, text: str, final: bool = False) -> None:
+    if out.isatty():
+        out.write("\r\033[K" + text + ("\n" if final else ""))
+    else:
+        out.write(text + "\n")
+    out.flush()
+
+
+async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        work = options.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tradingd-demo-")))
+        if options.data is None:
+            data = work / "synthetic.csv"
+            universe = generate(SynthParams(symbols=options.symbols, minutes=options.minutes, seed=options.seed))
+            write_csv(universe, data)
+            source = f"synthetic: {options.symbols} symbols x {options.minutes} minutes, seed {options.seed}"
+        else:
+            data = options.data
+            source = str(data)
+        minutes = load_csv(data)
+        symbols = symbols_of(minutes)
+        total_minutes = len(minutes)
+        total_bars = sum(len(m.bars) for m in minutes)
+        broker_log = work / "broker-orders.jsonl"
+        _progress(progress, f"demo: {source}: {total_bars} bars, {len(symbols)} symbols, {total_minutes} minutes")
+
+        broker, broker_port = await _spawn("broker-sim", "--port", "0", "--log", str(broker_log))
+        feed = None
+        daemon = None
+        try:
+            feed, feed_port = await _spawn("replay", str(data), "--port", "0", "--speed", "0")
+            config = Config(
+                feed=FeedConfig(port=feed_port),
+                universe=UniverseConfig(symbols=symbols),
+                broker=BrokerConfig(port=broker_port),
+                metrics=MetricsConfig(port=0),
+                journal=JournalConfig(path=str(work / "journal.msgpack"), fsync="none"),
+            )
+            daemon = Daemon(config, config_file="(demo defaults)")
+            started = time.perf_counter()
+            await daemon.start(status=lambda s: _progress(progress, f"demo: {s}"))
+            runtime, stats = daemon.runtime, daemon.stats
+            assert runtime is not None
+            replay_started = time.perf_counter()
+            last_shown = 0.0
+            while not (stats.minute_ends >= total_minutes and runtime.idle_event.is_set()):
+                if time.perf_counter() - started > options.timeout_s:
+                    raise DemoError(f"demo did not finish within {options.timeout_s:.0f} s "
+                                    f"({stats.minute_ends}/{total_minutes} minutes)")
+                await asyncio.sleep(0.02)
+                if time.perf_counter() - last_shown > (0.25 if progress.isatty() else 2.0):
+                    last_shown = time.perf_counter()
+                    _progress(progress, f"demo: minute {stats.minute_ends}/{total_minutes}  bars {stats.bars_received}"
+                                        f"/{total_bars}  batches {stats.batches}  orders {stats.orders_sent}")
+            replay_s = time.perf_counter() - replay_started
+            settle_until = time.perf_counter() + 5.0
+            while time.perf_counter() < settle_until and any(
+                o.state not in FINAL for o in runtime.book.orders.values()
+            ):
+                await asyncio.sleep(0.01)
+            _progress(progress, f"demo: replayed {total_minutes} minutes in {replay_s:.2f} s", final=True)
+            await daemon.shutdown()
+            summary = _summary(daemon, total_bars, total_minutes, replay_s, broker_log)
+            summary["source"] = source
+            return summary
+        finally:
+            if daemon is not None and daemon.runtime is not None:
+                daemon.runtime.close()
+            for proc in (feed, broker):
+                if proc is not None:
+                    await _stop(proc)
+
+
+def _summary(daemon: Daemon, total_bars: int, total_minutes: int, replay_s: float, broker_log: Path) -> dict[str, Any]:
+    s = daemon.stats
+    runtime, engine = daemon.runtime, daemon.engine
+    assert runtime is not None and engine is not None
+    states = runtime.book.count_by_state()
+    rejected = dict(sorted(s.bars_rejected.items()))
+    denied = dict(sorted(s.orders_denied.items()))
+    broker_received = sum(1 for _ in broker_log.open()) if broker_log.exists() else 0
+    open_orders = sum(n for state, n in states.items() if OrderState(state) not in FINAL)
+    return {
+        "bars": {
+            "sent_by_feed": total_bars,
+            "received": s.bars_received,
+            "accepted": s.bars_accepted,
+            "rejected": rejected,
+            "warmup": s.bars_warmup,
+            "superseded": runtime.batcher.superseded,
+            "balanced": s.bars_accepted + sum(rejected.values()) == s.bars_received,
+        },
+        "minutes": {"sent_by_feed": total_minutes, "received": s.minute_ends},
+        "feed": {"seq_gaps": s.seq_gaps, "connects": s.feed_connects, "frame_errors": dict(s.feed_frame_errors)},
+        "batches": s.batches,
+        "batch_rows": s.batch_rows,
+        "signals": {k: s.signals[k] for k in ("buy", "hold", "sell")},
+        "orders": {
+            "intents": s.intents,
+            "sent": s.orders_sent,
+            "denied": denied,
+            "filled": s.orders_filled,
+            "rejected_by_broker": s.orders_rejected,
+            "open": open_orders,
+            "received_by_broker": broker_received,
+            "balanced": s.orders_sent + sum(denied.values()) == s.intents,
+        },
+        "engine": {
+            "name": engine.manifest.name,
+            "version": engine.manifest.version,
+            "backend": engine.backend,
+            "buckets": list(engine.buckets),
+            "failures": s.infer_failures,
+        },
+        "latency_us": {
+            "tick_to_order": s.tick_to_order.summary_us(),
+            "infer": s.infer.summary_us(),
+            "batch_wait": s.batch_wait.summary_us(),
+        },
+        "replay_seconds": round(replay_s, 3),
+    }
+
+
+def render_text(summary: dict[str, Any]) -> str:
+    b, o, lat = summary["bars"], summary["orders"], summary["latency_us"]
+
+    def lat_line(name: str) -> str:
+        x = lat[name]
+        return f"{name:<14} p50 {x['p50']} us  p99 {x['p99']} us  max {x['max']} us  (n={x['count']})"
+
+    lines = [
+        f"source         {summary['source']}",
+        f"engine         {summary['engine']['name']} {summary['engine']['version']} on {summary['engine']['backend']}",
+        f"bars           received {b['received']}  accepted {b['accepted']}  rejected {sum(b['rejected'].values())}"
+        f" {b['rejected'] or ''}  warm-up {b['warmup']}  -> {'balanced' if b['balanced'] else 'NOT BALANCED'}",
+        f"batches        {summary['batches']} ({summary['batch_rows']} rows)",
+        f"signals        buy {summary['signals']['buy']}  hold {summary['signals']['hold']}  sell {summary['signals']['sell']}",
+        f"orders         intents {o['intents']}  sent {o['sent']}  denied {sum(o['denied'].values())} {o['denied'] or ''}"
+        f"  filled {o['filled']}  broker received {o['received_by_broker']}"
+        f"  -> {'balanced' if o['balanced'] else 'NOT BALANCED'}",
+        lat_line("tick_to_order"),
+        lat_line("infer"),
+        f"replay         {summary['replay_seconds']} s",
+    ]
+    return "\n".join(lines)
+
+
+def dumps(summary: dict[str, Any]) -> str:
+    return orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode()

@@ -1,0 +1,1 @@
+"""Market-data feed: protocol v1 messages, ingest, replay server and synthetic universe."""

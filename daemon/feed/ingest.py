@@ -1,0 +1,154 @@
+"""Feed ingest: an asyncio.Protocol that turns bytes into validated messages for the runtime.
+
+It only frames, decodes and dispatches; all state lives in the runtime. A frame error (bytes
+that are not msgpack, a frame over the limit) drops the connection, since a byte stream cannot
+resync, and ``FeedConnector`` reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Protocol, cast
+
+from broker.errors import FrameError
+from broker.framing import FrameReader
+from broker.reconnect import Backoff, ClosingProtocol, keep_connected
+from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, Rejected, UnknownType, decode
+
+
+class FeedSink(Protocol):
+    """What ingest hands its messages to (the runtime)."""
+
+    def on_bar(self, bar: Bar, ts_recv: int) -> None: ...
+
+    def on_minute_end(self, message: MinuteEnd, ts_recv: int) -> None: ...
+
+    def on_heartbeat(self, message: Heartbeat, ts_recv: int) -> None: ...
+
+    def on_rejected(self, rejected: Rejected, ts_recv: int) -> None: ...
+
+    def on_unknown_type(self, message: UnknownType) -> None: ...
+
+    def on_feed_connected(self, feed: FeedProtocol) -> None: ...
+
+    def on_feed_lost(self) -> None: ...
+
+    def on_frame_error(self, error: FrameError) -> None: ...
+
+
+class FeedProtocol(ClosingProtocol):
+    """Frames, decodes and dispatches; ``pause`` stops delivery at the next message boundary.
+
+    Pausing stops reading the socket and also holds back the rest of the chunk already read,
+    so the sink sees nothing more until ``resume``: real backpressure, not a late one.
+    """
+
+    def __init__(self, sink: FeedSink, max_frame_bytes: int, now_ns: Callable[[], int]) -> None:
+        super().__init__()
+        self._sink = sink
+        self._reader = FrameReader(max_frame_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._now_ns = now_ns
+        self._paused = False
+        self._pending: Iterator[object] | None = None
+        self._backlog: deque[bytes] = deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._sink.on_feed_connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._backlog.append(data)
+        if not self._paused and self._pending is None:
+            self._deliver()
+
+    def pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self._paused or self._transport is None:
+            return
+        self._paused = False
+        self._deliver()
+        if not self._paused and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _deliver(self) -> None:
+        sink = self._sink
+        ts_recv = self._now_ns()
+        while not self._paused:
+            if self._pending is None:
+                if not self._backlog:
+                    return
+                self._pending = self._reader.feed(self._backlog.popleft())
+            try:
+                for obj in self._pending:
+                    message = decode(obj)
+                    match message:
+                        case Bar():
+                            sink.on_bar(message, ts_recv)
+                        case MinuteEnd():
+                            sink.on_minute_end(message, ts_recv)
+                        case Heartbeat():
+                            sink.on_heartbeat(message, ts_recv)
+                        case Rejected():
+                            sink.on_rejected(message, ts_recv)
+                        case UnknownType():
+                            sink.on_unknown_type(message)
+                    if self._paused:
+                        return  # the rest of this chunk waits in the suspended iterator
+            except FrameError as exc:
+                self._pending = None
+                self._backlog.clear()
+                sink.on_frame_error(exc)
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            self._pending = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pending = None
+        self._backlog.clear()
+        self._sink.on_feed_lost()
+        super().connection_lost(exc)
+
+
+class FeedConnector:
+    """The daemon is the feed's TCP client; this keeps that connection up."""
+
+    def __init__(
+        self,
+        sink: FeedSink,
+        host: str,
+        port: int,
+        max_frame_bytes: int,
+        backoff: Backoff,
+        on_event: Callable[[str, str], None],
+        now_ns: Callable[[], int],
+    ) -> None:
+        self._sink = sink
+        self._host = host
+        self._port = port
+        self._max_frame_bytes = max_frame_bytes
+        self._backoff = backoff
+        self._on_event = on_event
+        self._now_ns = now_ns
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        await keep_connected(
+            lambda: FeedProtocol(self._sink, self._max_frame_bytes, self._now_ns),
+            self._host,
+            self._port,
+            self._backoff,
+            self._stopping,
+            self._on_event,
+        )
+
+    def stop(self) -> None:
+        self._stopping.set()

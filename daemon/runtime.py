@@ -1,0 +1,350 @@
+"""The minute loop's owner: every task, queue and callback between the feed and the broker.
+
+Ingest calls ``on_bar`` and friends on the event loop. Bars update the feature windows; symbols
+with a full window wait in the batcher; a due batch is gathered into the engine's own input
+buffer and run on the single inference thread, so the loop never waits on the model; results
+come back to the loop, become signals, intents, gate decisions and orders, journaled before
+they are sent. Only one batch is in flight at a time (its input buffer is the engine's), and
+while it runs, at most one waiting entry per symbol can build up: the queue is bounded by the
+universe, and the feed is paused when a whole extra batch is already waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import structlog
+
+from broker import protocol as wire
+from broker.client import GatewayClient
+from broker.errors import FrameError
+from broker.journal import Journal
+from broker.orders import Order, OrderBook, OrderState
+from daemon.batcher import Batch, Batcher
+from daemon.clock import Clock
+from daemon.config import Config
+from daemon.feed.ingest import FeedProtocol
+from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, RejectReason, Rejected, UnknownType
+from daemon.policy import CLASS_NAMES, HOLD, SignalPolicy, classify
+from daemon.stats import Stats
+from daemon.windows import FeatureWindows
+from engines.base import Engine
+from risk.gates import Limits, OrderCheck, check_order
+
+log = structlog.get_logger("tradingd.runtime")
+
+
+def _worth_logging(n: int) -> bool:
+    """Log the first ten occurrences, then every thousandth: visible, never a flood."""
+    return n <= 10 or n % 1000 == 0
+
+
+@dataclass(slots=True)
+class _InFlight:
+    batch: Batch
+    bucket: int
+    ts_infer_start: int
+
+
+class Runtime:
+    def __init__(self, config: Config, engine: Engine, clock: Clock, journal: Journal, stats: Stats | None = None) -> None:
+        self.config = config
+        self.engine = engine
+        self.clock = clock
+        self.journal = journal
+        self.stats = stats or Stats()
+        manifest = engine.manifest
+        self.symbols = config.universe.symbols
+        self.windows = FeatureWindows(self.symbols, manifest.window, manifest.features)
+        max_batch = min(config.batch.max_batch, engine.buckets[-1])
+        self.batcher = Batcher(len(self.symbols), max_batch, config.batch.max_delay_us * 1000)
+        self.policy = SignalPolicy(config.signal)
+        self.limits = Limits(config.risk.max_order_qty, config.risk.max_order_notional)
+        self.book = OrderBook()
+        self.gateway: GatewayClient | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tradingd-infer")
+        self._inflight: _InFlight | None = None
+        self._drain = False  # a minute_end asked for everything waiting to go now
+        self._timer: asyncio.TimerHandle | None = None
+        self._feed: FeedProtocol | None = None
+        self._feed_paused = False
+        self._last_seq: int | None = None
+        self._order_seq = 0
+        self._id_prefix = f"T{clock.wall_ns() // 1_000_000_000:x}"
+        self.idle_event = asyncio.Event()
+        self.idle_event.set()
+
+    # -- ingest ---------------------------------------------------------------------------
+
+    def _seq(self, seq: int) -> None:
+        last = self._last_seq
+        if last is not None and seq != last + 1 and seq > last:
+            self.stats.seq_gaps += 1
+            if _worth_logging(self.stats.seq_gaps):
+                log.warning("feed_seq_gap", expected=last + 1, got=seq, gaps=self.stats.seq_gaps)
+        if last is None or seq > last:
+            self._last_seq = seq
+
+    def _reject(self, reason: RejectReason, detail: str, seq: int | None, symbol: str | None) -> None:
+        s = self.stats
+        s.bars_rejected[reason] += 1
+        n = s.bars_rejected[reason]
+        if _worth_logging(n):
+            log.warning("bar_rejected", reason=str(reason), detail=detail, seq=seq, symbol=symbol, count=n)
+
+    def on_bar(self, bar: Bar, ts_recv: int) -> None:
+        s = self.stats
+        s.bars_received += 1
+        self._seq(bar.seq)
+        i = self.windows.index.get(bar.symbol)
+        if i is None:
+            self._reject(RejectReason.UNKNOWN_SYMBOL, bar.symbol, bar.seq, bar.symbol)
+            return
+        if not self.windows.push(i, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.prev_close):
+            self._reject(RejectReason.OUT_OF_ORDER, f"ts {bar.ts} <= last {self.windows.last_ts[i]}", bar.seq, bar.symbol)
+            return
+        s.bars_accepted += 1
+        if not self.windows.full(i):
+            s.bars_warmup += 1
+            return
+        self.idle_event.clear()
+        if self.batcher.add(i, ts_recv, bar.ts, bar.close):
+            self._flush()
+        elif self._timer is None and self._inflight is None:
+            self._arm_timer()
+
+    def on_rejected(self, rejected: Rejected, ts_recv: int) -> None:
+        self.stats.bars_received += 1
+        if rejected.seq is not None:
+            self._seq(rejected.seq)
+        self._reject(rejected.reason, rejected.detail, rejected.seq, rejected.symbol)
+
+    def on_minute_end(self, message: MinuteEnd, ts_recv: int) -> None:
+        self._seq(message.seq)
+        self.stats.minute_ends += 1
+        self._drain = True
+        self._flush()
+
+    def on_heartbeat(self, message: Heartbeat, ts_recv: int) -> None:
+        self._seq(message.seq)
+        self.stats.heartbeats += 1
+
+    def on_unknown_type(self, message: UnknownType) -> None:
+        self.stats.unknown_types[message.type] += 1
+        if _worth_logging(self.stats.unknown_types[message.type]):
+            log.info("feed_unknown_type", type=message.type, count=self.stats.unknown_types[message.type])
+
+    def on_feed_connected(self, feed: FeedProtocol) -> None:
+        self._feed = feed
+        self._feed_paused = False
+        self._last_seq = None  # a new session may restart its numbering
+        self.stats.feed_connects += 1
+
+    def on_feed_lost(self) -> None:
+        self._feed = None
+        self.stats.feed_disconnects += 1
+
+    def on_frame_error(self, error: FrameError) -> None:
+        self.stats.feed_frame_errors[error.reason] += 1
+        log.error("feed_frame_error", reason=error.reason, detail=error.detail, action="dropping connection")
+
+    def on_feed_event(self, kind: str, detail: str) -> None:
+        log.info("feed_" + kind, detail=detail)
+
+    # -- batching and inference -----------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        deadline = self.batcher.deadline_ns()
+        if deadline is None:
+            return
+        delay = max(0.0, (deadline - self.clock.mono_ns()) / 1e9)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._flush()
+
+    def _flush(self) -> None:
+        """Start the next batch if the engine is free and one is due; else arrange to look again."""
+        if self._inflight is not None:
+            self._backpressure()
+            return
+        if not len(self.batcher):
+            self._drain = False
+            self._check_idle()
+            return
+        if not (self._drain or self.batcher.due(self.clock.mono_ns())):
+            if self._timer is None:
+                self._arm_timer()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._start(self.batcher.take())
+        self._backpressure()
+
+    def _start(self, batch: Batch) -> None:
+        n = len(batch)
+        bucket = self.engine.bucket_for(n)
+        self.windows.gather(batch.symbols, self.engine.input_buffer(bucket)[:n])
+        ts_start = self.clock.mono_ns()
+        for ts in batch.ts_recv:
+            self.stats.batch_wait.record(ts_start - ts)
+        self._inflight = _InFlight(batch, bucket, ts_start)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, _timed_infer, self.engine, bucket, self.clock.mono_ns
+        )
+        future.add_done_callback(self._on_inferred)
+
+    def _on_inferred(self, future: asyncio.Future[tuple[npt.NDArray[np.float32], int]]) -> None:
+        inflight, self._inflight = self._inflight, None
+        assert inflight is not None
+        batch = inflight.batch
+        n = len(batch)
+        s = self.stats
+        s.batches += 1
+        s.batch_rows += n
+        exc = future.exception()
+        if exc is not None:
+            s.infer_failures += 1
+            log.error("inference_failed", engine=self.engine.name, rows=n, error=str(exc))
+        else:
+            logits, elapsed_ns = future.result()
+            s.infer.record(elapsed_ns)
+            self._act(batch, logits[:n])
+            self.journal.sync()
+        self._flush()
+        self._backpressure()
+
+    def _backpressure(self) -> None:
+        """Stop reading the feed while a batch runs and either a minute has closed or a whole
+        batch waits behind it. Live, minutes are a minute apart and this never bites; replayed at
+        full speed, it lets each minute be inferred before the next is read, instead of
+        superseding it."""
+        busy = self._inflight is not None
+        pause = busy and (self._drain or len(self.batcher) >= self.batcher.max_batch)
+        feed = self._feed
+        if feed is None or pause == self._feed_paused:
+            return
+        self._feed_paused = pause
+        if pause:
+            feed.pause()
+        else:
+            # Not inline: resuming delivers held-back messages, which must not re-enter here.
+            asyncio.get_running_loop().call_soon(feed.resume)
+
+    def drain_now(self) -> None:
+        """Send everything waiting to inference now (shutdown, end of a replay)."""
+        self._drain = True
+        self._flush()
+
+    def _check_idle(self) -> None:
+        if self._inflight is None and not len(self.batcher):
+            self.idle_event.set()
+
+    # -- signals to orders ----------------------------------------------------------------
+
+    def _act(self, batch: Batch, logits: npt.NDArray[np.float32]) -> None:
+        s = self.stats
+        if not np.isfinite(logits).all():
+            s.infer_nonfinite += 1
+            log.error("inference_nonfinite", engine=self.engine.name, rows=len(batch))
+            return
+        cls, conf = classify(logits)
+        counts = np.bincount(cls, minlength=3)
+        for k, name in enumerate(CLASS_NAMES):
+            s.signals[name] += int(counts[k])
+        threshold = self.config.signal.confidence_threshold
+        for row in np.flatnonzero((cls != HOLD) & (conf >= threshold)):
+            self._order(batch, int(row), int(cls[row]), float(conf[row]))
+
+    def _order(self, batch: Batch, row: int, cls: int, confidence: float) -> None:
+        s = self.stats
+        symbol = self.symbols[int(batch.symbols[row])]
+        close = batch.close[row]
+        intent = self.policy.intent(cls, confidence, close, self.book.exposure(symbol))
+        if intent is None:
+            return
+        s.intents += 1
+        self._order_seq += 1
+        cl_ord_id = f"{self._id_prefix}-{self._order_seq}"
+        wall = self.clock.wall_ns()
+        journal = self.journal
+        journal.append(
+            "intent", wall, id=cl_ord_id, symbol=symbol, side=str(intent.side), qty=intent.qty,
+            price=intent.price, signal=CLASS_NAMES[cls], confidence=round(confidence, 4), ts_event=batch.ts_event[row],
+        )
+        denial = check_order(OrderCheck(symbol, str(intent.side), intent.qty, intent.price), self.limits)
+        reason, detail = (str(denial.reason), denial.detail) if denial else (None, "")
+        gateway = self.gateway
+        if reason is None and (gateway is None or not gateway.connected):
+            reason, detail = "broker_disconnected", "no connection to the broker gateway"
+        if reason is not None:
+            s.orders_denied[reason] += 1
+            journal.append("denied", wall, id=cl_ord_id, reason=reason, detail=detail)
+            log.info("order_denied", id=cl_ord_id, symbol=symbol, reason=reason, detail=detail)
+            return
+        assert gateway is not None
+        order = Order(cl_ord_id, symbol, intent.side, intent.qty, intent.price, batch.ts_event[row], batch.ts_recv[row])
+        self.book.add(order)
+        journal.append("send", wall, id=cl_ord_id)
+        gateway.send(wire.NewOrder(cl_ord_id, symbol, intent.side, intent.qty, intent.price, wall))
+        ts_send = self.clock.mono_ns()
+        self.book.mark_sent(order, ts_send)
+        s.orders_sent += 1
+        s.tick_to_order.record(ts_send - order.ts_recv)
+        log.info(
+            "order_sent", id=cl_ord_id, symbol=symbol, side=str(intent.side), qty=intent.qty, price=intent.price,
+            signal=CLASS_NAMES[cls], confidence=round(confidence, 3), tick_to_order_us=(ts_send - order.ts_recv) // 1000,
+        )
+
+    # -- broker ---------------------------------------------------------------------------
+
+    def on_report(self, report: wire.ExecReport) -> None:
+        s = self.stats
+        problem = self.book.apply(report)
+        if problem is not None:
+            s.reports_ignored[problem] += 1
+            log.warning("exec_report_ignored", id=report.cl_ord_id, status=str(report.status), problem=problem)
+            return
+        self.journal.append(
+            "report", self.clock.wall_ns(), id=report.cl_ord_id, exec_id=report.exec_id, status=str(report.status),
+            last_qty=report.last_qty, last_px=report.last_px, text=report.text,
+        )
+        if report.last_qty:
+            s.fills += 1
+            log.info("fill", id=report.cl_ord_id, symbol=report.symbol, qty=report.last_qty, px=report.last_px,
+                     position=self.book.positions.get(report.symbol, 0))
+        state = self.book.orders[report.cl_ord_id].state
+        if state is OrderState.FILLED:
+            s.orders_filled += 1
+        elif state is OrderState.REJECTED:
+            s.orders_rejected += 1
+            log.warning("order_rejected", id=report.cl_ord_id, reason=report.text)
+        elif state is OrderState.CANCELED:
+            s.orders_canceled += 1
+
+    def on_broker_event(self, kind: str, detail: str) -> None:
+        if kind == "connected":
+            self.stats.broker_connects += 1
+        elif kind == "disconnected":
+            self.stats.broker_disconnects += 1
+        log.info("broker_" + kind, detail=detail)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._executor.shutdown(wait=True)
+
+
+def _timed_infer(engine: Engine, bucket: int, now_ns: Callable[[], int]) -> tuple[npt.NDArray[np.float32], int]:
+    started = now_ns()
+    logits = engine.infer(bucket)
+    return logits, now_ns() - started
+
+

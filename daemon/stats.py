@@ -1,0 +1,90 @@
+"""The daemon's counters and latency recorders: plain values, cheap to update on the hot path.
+
+Prometheus reads them at scrape time (``daemon.metrics``) and the demo summary reads them at the
+end, so each event is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Latency buckets in ns: dense from 10 us to 10 ms, then a tail to 1 s.
+LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
+    int(us * 1000)
+    for us in (10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000,
+               5000, 7500, 10_000, 25_000, 100_000, 1_000_000)
+)
+
+
+class LatencyRecorder:
+    """Cumulative bucket counts since start, plus the most recent samples for percentiles."""
+
+    def __init__(self, capacity: int = 1 << 18, bounds_ns: tuple[int, ...] = LATENCY_BOUNDS_NS) -> None:
+        self.bounds_ns = bounds_ns
+        self.buckets = [0] * (len(bounds_ns) + 1)
+        self.count = 0
+        self.sum_ns = 0
+        self.max_ns = 0
+        self._samples = np.zeros(capacity, dtype=np.int64)
+
+    def record(self, ns: int) -> None:
+        self.buckets[bisect.bisect_left(self.bounds_ns, ns)] += 1
+        self._samples[self.count % len(self._samples)] = ns
+        self.count += 1
+        self.sum_ns += ns
+        if ns > self.max_ns:
+            self.max_ns = ns
+
+    def samples(self) -> np.ndarray:
+        return self._samples[: min(self.count, len(self._samples))]
+
+    def summary_us(self) -> dict[str, float | int | None]:
+        """p50, p99, max in microseconds (percentiles over the retained samples)."""
+        s = self.samples()
+        if not len(s):
+            return {"count": 0, "p50": None, "p99": None, "max": None}
+        p50, p99 = np.percentile(s, [50, 99])
+        return {
+            "count": self.count,
+            "p50": round(float(p50) / 1000, 1),
+            "p99": round(float(p99) / 1000, 1),
+            "max": round(self.max_ns / 1000, 1),
+        }
+
+
+@dataclass(slots=True)
+class Stats:
+    bars_received: int = 0
+    bars_accepted: int = 0
+    bars_rejected: Counter[str] = field(default_factory=Counter)
+    bars_warmup: int = 0  # accepted while the symbol's window was still filling
+    bars_superseded: int = 0
+    unknown_types: Counter[str] = field(default_factory=Counter)
+    seq_gaps: int = 0
+    minute_ends: int = 0
+    heartbeats: int = 0
+    feed_connects: int = 0
+    feed_disconnects: int = 0
+    feed_frame_errors: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    infer_failures: int = 0
+    infer_nonfinite: int = 0
+    batch_rows: int = 0
+    signals: Counter[str] = field(default_factory=lambda: Counter({"sell": 0, "hold": 0, "buy": 0}))
+    intents: int = 0
+    orders_sent: int = 0
+    orders_denied: Counter[str] = field(default_factory=Counter)
+    orders_filled: int = 0
+    orders_rejected: int = 0
+    orders_canceled: int = 0
+    fills: int = 0
+    reports_ignored: Counter[str] = field(default_factory=Counter)
+    broker_connects: int = 0
+    broker_disconnects: int = 0
+    tick_to_order: LatencyRecorder = field(default_factory=LatencyRecorder)
+    infer: LatencyRecorder = field(default_factory=LatencyRecorder)
+    batch_wait: LatencyRecorder = field(default_factory=LatencyRecorder)

@@ -1,0 +1,68 @@
+"""Per-symbol windows of the last W raw feature vectors, in one preallocated float32 [S, W, F].
+
+Each symbol's rows form a ring; ``gather`` writes the chronological windows of a batch straight
+into the engine's input buffer with one ``np.take`` and normalises them there in place (the
+manifest's z-score and clip), so a batch costs one copy however many symbols it holds.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.features import feature_row_fn
+from engines.manifest import Feature
+
+IntArray = npt.NDArray[np.int64]
+
+
+class FeatureWindows:
+    def __init__(self, symbols: tuple[str, ...], window: int, features: tuple[Feature, ...]) -> None:
+        n, f = len(symbols), len(features)
+        self.symbols = symbols
+        self.window = window
+        self.index: dict[str, int] = {s: i for i, s in enumerate(symbols)}
+        self.buf = np.zeros((n, window, f), dtype=np.float32)
+        self._flat = self.buf.reshape(n * window, f)
+        self._head = np.zeros(n, dtype=np.int64)  # next row to write, per symbol
+        self._offsets = np.arange(window, dtype=np.int64)
+        self.count = [0] * n  # bars accepted per symbol
+        self.last_ts = [-(1 << 63)] * n
+        self.last_close = [0.0] * n
+        self._row = feature_row_fn(tuple(x.name for x in features))
+        self._mean = np.array([x.norm.mean for x in features], dtype=np.float32)
+        self._inv_std = np.array([1.0 / x.norm.std for x in features], dtype=np.float32)
+        self._clip = np.array([x.norm.clip for x in features], dtype=np.float32)
+
+    def push(self, i: int, ts: int, o: float, h: float, lo: float, c: float, v: float, prev_close: float | None) -> bool:
+        """Add a bar to symbol ``i``; False (nothing changed) when ``ts`` is not after its last bar."""
+        if ts <= self.last_ts[i]:
+            return False
+        pc = self.last_close[i] if self.count[i] else (prev_close or 0.0)
+        head = int(self._head[i])
+        self.buf[i, head] = self._row(o, h, lo, c, v, pc)
+        self._head[i] = (head + 1) % self.window
+        self.count[i] += 1
+        self.last_ts[i] = ts
+        self.last_close[i] = c
+        return True
+
+    def full(self, i: int) -> bool:
+        return self.count[i] >= self.window
+
+    def gather(self, symbols: IntArray, out: npt.NDArray[np.float32]) -> None:
+        """Write the normalised windows of ``symbols`` (oldest bar first) into ``out`` [n, W, F]."""
+        n = len(symbols)
+        w = self.window
+        rows = (symbols[:, None] * w + (self._head[symbols][:, None] + self._offsets) % w).ravel()
+        flat_out = out.reshape(n * w, out.shape[2])
+        np.take(self._flat, rows, axis=0, out=flat_out)
+        flat_out -= self._mean
+        flat_out *= self._inv_std
+        np.clip(flat_out, -self._clip, self._clip, out=flat_out)
+
+    def window_of(self, i: int) -> npt.NDArray[np.float32]:
+        """A normalised copy of one symbol's window (for tools and tests, not the hot path)."""
+        out = np.empty((1, self.window, self.buf.shape[2]), dtype=np.float32)
+        self.gather(np.array([i], dtype=np.int64), out)
+        return out[0]

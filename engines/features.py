@@ -1,0 +1,90 @@
+"""Bar features the signal model is trained on, named in its manifest.
+
+One definition serves both the daemon (one bar at a time, on the hot path) and training (whole
+arrays at once), so the two can never drift apart. Raw features go into the windows; the
+manifest's z-score normalisation is applied to the whole batch at gather time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+# name -> (scalar form over open, high, low, close, volume, previous close; vector form)
+_ScalarFn = Callable[[float, float, float, float, float, float], float]
+
+
+def _log_return(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
+    return math.log(c / pc) if pc > 0.0 else 0.0
+
+
+def _log_range(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
+    return math.log(h / lo)
+
+
+def _log_body(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
+    return math.log(c / o)
+
+
+def _upper_wick(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
+    return math.log(h / max(o, c))
+
+
+def _lower_wick(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
+    return math.log(min(o, c) / lo)
+
+
+def _log_volume(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
+    return math.log1p(v)
+
+
+SCALAR_FEATURES: dict[str, _ScalarFn] = {
+    "log_return": _log_return,
+    "log_range": _log_range,
+    "log_body": _log_body,
+    "upper_wick": _upper_wick,
+    "lower_wick": _lower_wick,
+    "log_volume": _log_volume,
+}
+
+DEFAULT_FEATURES: tuple[str, ...] = tuple(SCALAR_FEATURES)
+
+
+def feature_row_fn(names: tuple[str, ...]) -> Callable[..., list[float]]:
+    """Bind the named features, in order, into one function of a bar returning a list."""
+    unknown = [n for n in names if n not in SCALAR_FEATURES]
+    if unknown:
+        raise KeyError(f"unknown features {unknown}; known: {sorted(SCALAR_FEATURES)}")
+    fns = tuple(SCALAR_FEATURES[n] for n in names)
+
+    def row(o: float, h: float, lo: float, c: float, v: float, pc: float) -> list[float]:
+        return [fn(o, h, lo, c, v, pc) for fn in fns]
+
+    return row
+
+
+def feature_array(names: tuple[str, ...], ohlcv: npt.NDArray[np.float64]) -> FloatArray:
+    """Features for one symbol's bars in time order: ``ohlcv`` [T, 5] -> [T, F] float32.
+
+    The first bar has no previous close, so its return is 0, as on the hot path.
+    """
+    o, h, lo, c, v = (ohlcv[:, i] for i in range(5))
+    pc = np.concatenate(([0.0], c[:-1]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cols = {
+            "log_return": np.where(pc > 0.0, np.log(c / np.where(pc > 0.0, pc, 1.0)), 0.0),
+            "log_range": np.log(h / lo),
+            "log_body": np.log(c / o),
+            "upper_wick": np.log(h / np.maximum(o, c)),
+            "lower_wick": np.log(np.minimum(o, c) / lo),
+            "log_volume": np.log1p(v),
+        }
+    unknown = [n for n in names if n not in cols]
+    if unknown:
+        raise KeyError(f"unknown features {unknown}; known: {sorted(cols)}")
+    return np.stack([cols[n] for n in names], axis=1).astype(np.float32)
