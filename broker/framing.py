@@ -50,7 +50,10 @@ class FrameReader:
                 except msgpack.OutOfData:
                     break
                 except (ValueError, TypeError, msgpack.UnpackException) as exc:
-                    raise FrameError("not_msgpack", str(exc) or f"{type(exc).__name__}: invalid type byte") from exc
+                    detail = str(exc) or f"{type(exc).__name__}: invalid type byte"
+                    # A length header over the per-object limits is a frame over the limit.
+                    reason = "oversized_frame" if "exceeds max_" in detail else "not_msgpack"
+                    raise FrameError(reason, detail) from exc
                 end = unpacker.tell()
                 size, self._consumed = end - self._consumed, end
                 if size > limit:

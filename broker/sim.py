@@ -49,9 +49,15 @@ class _SimProtocol(asyncio.Protocol):
         transport = cast(asyncio.Transport, transport)
         self._transport = transport
         self._sim.connections += 1
+        self._sim._live.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._sim._live.discard(self)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -77,6 +83,7 @@ class BrokerSimulator:
         self._working: dict[str, _Working] = {}
         self._exec_seq = 0
         self._server: asyncio.Server | None = None
+        self._live: set[_SimProtocol] = set()
         self.received: list[wire.NewOrder] = []
         self.connections = 0
         self.malformed = 0
@@ -88,8 +95,11 @@ class BrokerSimulator:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
+        """Stop listening and drop every connection at once, as a broker that vanishes would."""
         if self._server is not None:
             self._server.close()
+            for conn in list(self._live):
+                conn.abort()
             await self._server.wait_closed()
         if self._log is not None:
             self._log.close()

@@ -62,7 +62,6 @@ class Stats:
     bars_accepted: int = 0
     bars_rejected: Counter[str] = field(default_factory=Counter)
     bars_warmup: int = 0  # accepted while the symbol's window was still filling
-    bars_superseded: int = 0
     unknown_types: Counter[str] = field(default_factory=Counter)
     seq_gaps: int = 0
     minute_ends: int = 0

@@ -86,6 +86,7 @@ class ReplayServer:
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._lock = asyncio.Lock()
+        self._writers: set[asyncio.StreamWriter] = set()
 
     @property
     def total_minutes(self) -> int:
@@ -98,10 +99,13 @@ class ReplayServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
             await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._writers.add(writer)
         packer = msgpack.Packer()
         try:
             async with self._lock:  # one live client at a time shares the position
@@ -128,4 +132,5 @@ class ReplayServer:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()

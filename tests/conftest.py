@@ -1,0 +1,37 @@
+"""Shared fixtures: uvloop for every async test, the shipped model, the real data folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from daemon.logs import configure_logging
+from engines.chooser import DEFAULT_MODEL
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+MINUTE_CSV = SHARED_DATA / "us_equity_minute_2013-10.csv"
+SPY_DAILY_CSV = SHARED_DATA / "spy_daily_1998-2021.csv"
+
+
+configure_logging("info")
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="session")
+def shipped_model() -> Path:
+    return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def minute_csv() -> Path:
+    if not MINUTE_CSV.is_file():
+        pytest.skip(f"real minute bars not found at {MINUTE_CSV} (the shared data folder is absent)")
+    return MINUTE_CSV
