@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 from collections.abc import Callable
+from typing import cast
 
 import msgpack
 
@@ -73,7 +73,12 @@ class GatewayClient:
 
     async def run(self) -> None:
         await keep_connected(
-            lambda: _GatewayProtocol(self), self.host, self.port, self.backoff, self._stopping, self.on_event
+            lambda: _GatewayProtocol(self),
+            self.host,
+            self.port,
+            self.backoff,
+            self._stopping,
+            self.on_event,
         )
 
     def stop(self) -> None:

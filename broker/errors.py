@@ -16,7 +16,7 @@ class FrameError(BrokerError):
         super().__init__(f"{reason}: {detail}")
 
 
-class IllegalTransition(BrokerError):
+class IllegalTransitionError(BrokerError):
     """An order was asked to move between two states the life cycle does not connect."""
 
     def __init__(self, cl_ord_id: str, current: object, target: object) -> None:

@@ -60,4 +60,7 @@ class FrameReader:
                     raise FrameError("oversized_frame", f"a {size}-byte frame exceeds {limit} bytes")
                 yield obj
             if self._fed - self._consumed > limit:
-                raise FrameError("oversized_frame", f"a frame exceeds {limit} bytes ({self._fed - self._consumed} so far)")
+                raise FrameError(
+                    "oversized_frame",
+                    f"a frame exceeds {limit} bytes ({self._fed - self._consumed} so far)",
+                )

@@ -1,6 +1,6 @@
 """An order's life from intent to a final state, and the positions its fills make.
 
-States are an enum with a transition table; an illegal move raises ``IllegalTransition`` naming
+States are an enum with a transition table; an illegal move raises ``IllegalTransitionError`` naming
 both states. An execution report that makes no sense for the order's state is not applied: the
 book returns the reason and the caller counts and logs it.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from broker.errors import IllegalTransition
+from broker.errors import IllegalTransitionError
 from broker.protocol import ExecReport, ExecStatus, Side
 
 
@@ -72,7 +72,7 @@ class Order:
 
     def move(self, target: OrderState) -> None:
         if target not in TRANSITIONS[self.state]:
-            raise IllegalTransition(self.cl_ord_id, self.state, target)
+            raise IllegalTransitionError(self.cl_ord_id, self.state, target)
         self.state = target
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -96,8 +96,6 @@ def decode(obj: object) -> GatewayMessage:
         message = msgspec.convert(fields, cls)
     except msgspec.ValidationError as exc:
         return Malformed(f"{kind}: {exc}")
-    if isinstance(message, NewOrder) and (
-        message.qty <= 0 or not math.isfinite(message.price) or message.price <= 0.0
-    ):
+    if isinstance(message, NewOrder) and (message.qty <= 0 or not math.isfinite(message.price) or message.price <= 0.0):
         return Malformed(f"new_order {message.cl_ord_id}: qty and price must be positive")
-    return message
+    return cast(GatewayMessage, message)

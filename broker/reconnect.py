@@ -7,6 +7,7 @@ import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -62,8 +63,9 @@ async def keep_connected(
         else:
             backoff.reset()
             on_event("connected", f"{host}:{port}")
-            stop_wait = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait({protocol.closed, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
+            pending: set[asyncio.Future[Any]] = {protocol.closed, stop_wait}
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
             if not protocol.closed.done():
                 transport.close()

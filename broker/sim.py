@@ -129,7 +129,14 @@ class BrokerSimulator:
         else:
             fn(*args)
 
-    def _report(self, order: wire.NewOrder, status: wire.ExecStatus, last_qty: int, cum_qty: int, text: str = "") -> wire.ExecReport:
+    def _report(
+        self,
+        order: wire.NewOrder,
+        status: wire.ExecStatus,
+        last_qty: int,
+        cum_qty: int,
+        text: str = "",
+    ) -> wire.ExecReport:
         self._exec_seq += 1
         leaves = 0 if status in (wire.ExecStatus.REJECTED, wire.ExecStatus.CANCELED) else order.qty - cum_qty
         return wire.ExecReport(

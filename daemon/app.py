@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from http.server import ThreadingHTTPServer
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 import structlog
 
@@ -56,7 +56,7 @@ class Daemon:
         self.runtime: Runtime | None = None
         self.gateway: GatewayClient | None = None
         self.metrics_port: int | None = None
-        self._metrics_server: ThreadingHTTPServer | None = None
+        self._metrics_server: WSGIServer | None = None
         self._feed: FeedConnector | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
@@ -68,29 +68,47 @@ class Daemon:
         self.engine = await asyncio.to_thread(build_engine, engine_spec("primary", cfg.engine.primary))
         if cfg.batch.max_batch > self.engine.buckets[-1]:
             raise ConfigError(
-                self.config_file, "batch.max_batch",
+                self.config_file,
+                "batch.max_batch",
                 f"{cfg.batch.max_batch} exceeds the engine's largest batch bucket {self.engine.buckets[-1]}",
             )
         if cfg.engine.standby is not None:
             self.standby = await asyncio.to_thread(build_engine, engine_spec("standby", cfg.engine.standby))
             for field in ("window", "feature_names"):
                 if getattr(self.standby.manifest, field) != getattr(self.engine.manifest, field):
-                    raise ConfigError(self.config_file, "engine.standby.model", f"{field} differs from the primary's")
+                    raise ConfigError(
+                        self.config_file,
+                        "engine.standby.model",
+                        f"{field} differs from the primary's",
+                    )
         status("warming engines")
         for engine in (self.engine, self.standby):
             if engine is not None:
                 await asyncio.to_thread(engine.warm_up)
                 m = engine.manifest
-                log.info("engine_ready", engine=engine.name, backend=engine.backend, model=m.name, version=m.version,
-                         sha256=m.sha256[:16], buckets=list(engine.buckets), window=m.window, features=list(m.feature_names))
+                log.info(
+                    "engine_ready",
+                    engine=engine.name,
+                    backend=engine.backend,
+                    model=m.name,
+                    version=m.version,
+                    sha256=m.sha256[:16],
+                    buckets=list(engine.buckets),
+                    window=m.window,
+                    features=list(m.feature_names),
+                )
         self._journal = Journal(Path(cfg.journal.path), cfg.journal.fsync)
         self.runtime = runtime = Runtime(cfg, self.engine, self.clock, self._journal, self.stats)
 
         status("connecting broker")
         b = cfg.broker
         self.gateway = GatewayClient(
-            b.host, b.port, on_report=runtime.on_report, on_event=runtime.on_broker_event,
-            backoff=Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000), max_frame_bytes=b.max_frame_bytes,
+            b.host,
+            b.port,
+            on_report=runtime.on_report,
+            on_event=runtime.on_broker_event,
+            backoff=Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000),
+            max_frame_bytes=b.max_frame_bytes,
         )
         runtime.gateway = self.gateway
         self._tasks.append(asyncio.create_task(self.gateway.run(), name="broker"))
@@ -101,12 +119,22 @@ class Daemon:
         status("connecting feed")
         f = cfg.feed
         self._feed = FeedConnector(
-            runtime, f.host, f.port, f.max_frame_bytes,
-            Backoff(f.reconnect_initial_ms / 1000, f.reconnect_max_ms / 1000), runtime.on_feed_event, self.clock.mono_ns,
+            runtime,
+            f.host,
+            f.port,
+            f.max_frame_bytes,
+            Backoff(f.reconnect_initial_ms / 1000, f.reconnect_max_ms / 1000),
+            runtime.on_feed_event,
+            self.clock.mono_ns,
         )
         self._tasks.append(asyncio.create_task(self._feed.run(), name="feed"))
-        log.info("started", symbols=len(cfg.universe.symbols), broker=f"{b.host}:{b.port}", feed=f"{f.host}:{f.port}",
-                 metrics_port=self.metrics_port)
+        log.info(
+            "started",
+            symbols=len(cfg.universe.symbols),
+            broker=f"{b.host}:{b.port}",
+            feed=f"{f.host}:{f.port}",
+            metrics_port=self.metrics_port,
+        )
         status("running")
 
     def _serve_metrics(self) -> None:
@@ -135,7 +163,11 @@ class Daemon:
             try:
                 await asyncio.wait_for(runtime.idle_event.wait(), timeout=deadline_s)
             except TimeoutError:
-                log.error("shutdown_deadline", waiting=len(runtime.batcher), detail="gave up on waiting batches")
+                log.error(
+                    "shutdown_deadline",
+                    waiting=len(runtime.batcher),
+                    detail="gave up on waiting batches",
+                )
             open_orders = sum(1 for o in runtime.book.orders.values() if o.signed_open_qty)
             if open_orders:
                 log.warning("shutdown_open_orders", count=open_orders)

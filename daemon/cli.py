@@ -115,7 +115,10 @@ def cmd_broker_sim(args: argparse.Namespace) -> int:
     from broker.sim import BrokerSimulator, SimConfig  # noqa: PLC0415
 
     config = SimConfig(
-        latency_us=args.latency_us, partial_fills=args.partial_fills, reject_rate=args.reject_rate, seed=args.seed
+        latency_us=args.latency_us,
+        partial_fills=args.partial_fills,
+        reject_rate=args.reject_rate,
+        seed=args.seed,
     )
 
     async def main() -> None:
@@ -129,10 +132,9 @@ def cmd_broker_sim(args: argparse.Namespace) -> int:
 
 
 def cmd_model_export(args: argparse.Namespace) -> int:
+    from engines.chooser import DEFAULT_MODEL  # noqa: PLC0415
     from engines.model.export import export_onnx  # noqa: PLC0415
     from engines.model.qwen_signal import load_checkpoint  # noqa: PLC0415
-
-    from engines.chooser import DEFAULT_MODEL  # noqa: PLC0415
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_MODEL.parent / "checkpoint"
     print(f"loading checkpoint {checkpoint}", file=sys.stderr)
@@ -150,18 +152,28 @@ def cmd_model_train(args: argparse.Namespace) -> int:
     from engines.model.train import train  # noqa: PLC0415
 
     universe = generate(SynthParams(symbols=args.symbols, minutes=args.minutes, seed=args.seed))
-    print(f"training on {args.symbols} synthetic symbols x {args.minutes} minutes for {args.steps} steps",
-          file=sys.stderr)
+    print(
+        f"training on {args.symbols} synthetic symbols x {args.minutes} minutes for {args.steps} steps",
+        file=sys.stderr,
+    )
     model, meta, report = train(
-        list(universe.values()), steps=args.steps, seed=args.seed, window=args.window, name=args.name,
-        hidden=args.hidden, layers=args.layers,
-        version=args.version, progress=lambda step, loss: print(f"  step {step}/{args.steps} loss {loss:.4f}", file=sys.stderr),
+        list(universe.values()),
+        steps=args.steps,
+        seed=args.seed,
+        window=args.window,
+        name=args.name,
+        hidden=args.hidden,
+        layers=args.layers,
+        version=args.version,
+        progress=lambda step, loss: print(f"  step {step}/{args.steps} loss {loss:.4f}", file=sys.stderr),
     )
     out = Path(args.out)
     save_checkpoint(model, meta, out / "checkpoint")
     path = export_onnx(model, meta, out, buckets=tuple(args.buckets))
-    print(f"holdout accuracy {report.holdout_accuracy:.3f}, direction accuracy {report.holdout_direction_accuracy:.3f}"
-          f" on {report.holdout_samples} windows; trained in {report.seconds:.1f} s")
+    print(
+        f"holdout accuracy {report.holdout_accuracy:.3f}, direction accuracy {report.holdout_direction_accuracy:.3f}"
+        f" on {report.holdout_samples} windows; trained in {report.seconds:.1f} s"
+    )
     print(f"wrote {out / 'checkpoint'} and {path}")
     return 0
 
@@ -247,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except ImportError as exc:
         if exc.name in {"torch", "transformers", "onnx", "onnxscript", "safetensors"}:
-            print(f"tradingd: {exc.name} is missing; install the export extra: pip install 'tradingd[export]'",
-                  file=sys.stderr)
+            print(
+                f"tradingd: {exc.name} is missing; install the export extra: pip install 'tradingd[export]'",
+                file=sys.stderr,
+            )
             return 1
         raise

@@ -26,7 +26,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class FeedConfig(_Section):
+class FeedConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 7001
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
@@ -34,16 +34,16 @@ class FeedConfig(_Section):
     reconnect_max_ms: PositiveInt = 5000
 
 
-class UniverseConfig(_Section):
+class UniverseConfig(_Section, frozen=True):
     symbols: Annotated[tuple[Symbol, ...], msgspec.Meta(min_length=1)] = ("SPY",)
 
 
-class BatchConfig(_Section):
+class BatchConfig(_Section, frozen=True):
     max_batch: PositiveInt = 256
     max_delay_us: Annotated[int, msgspec.Meta(ge=0)] = 1000
 
 
-class EngineConfig(_Section):
+class EngineConfig(_Section, frozen=True):
     backend: Literal["onnxruntime"] = "onnxruntime"
     model: str = "builtin"
     sha256: str | None = None
@@ -54,12 +54,12 @@ class EngineConfig(_Section):
     allow_spinning: bool = False
 
 
-class EnginesConfig(_Section):
+class EnginesConfig(_Section, frozen=True):
     primary: EngineConfig = EngineConfig()
     standby: EngineConfig | None = None
 
 
-class SignalConfig(_Section):
+class SignalConfig(_Section, frozen=True):
     confidence_threshold: Fraction = 0.5
     lot_size: PositiveInt = 1
     notional_per_signal: PositiveFloat = 10_000.0
@@ -67,12 +67,12 @@ class SignalConfig(_Section):
     allow_short: bool = True
 
 
-class RiskConfig(_Section):
+class RiskConfig(_Section, frozen=True):
     max_order_qty: PositiveInt = 100_000
     max_order_notional: PositiveFloat = 5_000_000.0
 
 
-class BrokerConfig(_Section):
+class BrokerConfig(_Section, frozen=True):
     protocol: Literal["native"] = "native"
     host: str = "127.0.0.1"
     port: Port = 7002
@@ -81,27 +81,27 @@ class BrokerConfig(_Section):
     reconnect_max_ms: PositiveInt = 5000
 
 
-class MetricsConfig(_Section):
+class MetricsConfig(_Section, frozen=True):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 9108
 
 
-class AdminConfig(_Section):
+class AdminConfig(_Section, frozen=True):
     socket: str = "/run/tradingd/admin.sock"
     operators: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = (0,)
 
 
-class JournalConfig(_Section):
+class JournalConfig(_Section, frozen=True):
     path: str = "/var/lib/tradingd/journal.msgpack"
     fsync: Literal["none", "batch", "always"] = "batch"
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     feed: FeedConfig = FeedConfig()
     universe: UniverseConfig = UniverseConfig()
     batch: BatchConfig = BatchConfig()

@@ -21,7 +21,14 @@ import orjson
 
 from broker.orders import FINAL, OrderState
 from daemon.app import Daemon
-from daemon.config import BrokerConfig, Config, FeedConfig, JournalConfig, MetricsConfig, UniverseConfig
+from daemon.config import (
+    BrokerConfig,
+    Config,
+    FeedConfig,
+    JournalConfig,
+    MetricsConfig,
+    UniverseConfig,
+)
 from daemon.feed.replay import load_csv, symbols_of
 from daemon.feed.synth import SynthParams, generate, write_csv
 
@@ -43,7 +50,12 @@ class DemoOptions:
 async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
     """Start ``tradingd <args>`` and read the port from its ``LISTENING host:port`` line."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", *args, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL
+        sys.executable,
+        "-m",
+        "daemon",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
     )
     assert proc.stdout is not None
     try:
@@ -92,7 +104,10 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
         total_minutes = len(minutes)
         total_bars = sum(len(m.bars) for m in minutes)
         broker_log = work / "broker-orders.jsonl"
-        _progress(progress, f"demo: {source}: {total_bars} bars, {len(symbols)} symbols, {total_minutes} minutes")
+        _progress(
+            progress,
+            f"demo: {source}: {total_bars} bars, {len(symbols)} symbols, {total_minutes} minutes",
+        )
 
         broker, broker_port = await _spawn("broker-sim", "--port", "0", "--log", str(broker_log))
         feed = None
@@ -115,16 +130,22 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             last_shown = 0.0
             while not (stats.minute_ends >= total_minutes and runtime.idle_event.is_set()):
                 if time.perf_counter() - started > options.timeout_s:
-                    raise DemoError(f"demo did not finish within {options.timeout_s:.0f} s "
-                                    f"({stats.minute_ends}/{total_minutes} minutes)")
+                    raise DemoError(
+                        f"demo did not finish within {options.timeout_s:.0f} s "
+                        f"({stats.minute_ends}/{total_minutes} minutes)"
+                    )
                 await asyncio.sleep(0.02)
                 if time.perf_counter() - last_shown > (0.25 if progress.isatty() else 2.0):
                     last_shown = time.perf_counter()
-                    _progress(progress, f"demo: minute {stats.minute_ends}/{total_minutes}  bars {stats.bars_received}"
-                                        f"/{total_bars}  batches {stats.batches}  orders {stats.orders_sent}")
+                    _progress(
+                        progress,
+                        f"demo: minute {stats.minute_ends}/{total_minutes}  bars {stats.bars_received}"
+                        f"/{total_bars}  batches {stats.batches}  orders {stats.orders_sent}",
+                    )
             replay_s = time.perf_counter() - replay_started
             settle_until = time.perf_counter() + 5.0
-            while time.perf_counter() < settle_until and any(
+            # Fills arrive as execution reports; give the last ones a moment before the summary.
+            while time.perf_counter() < settle_until and any(  # noqa: ASYNC110 - no event per fill
                 o.state not in FINAL for o in runtime.book.orders.values()
             ):
                 await asyncio.sleep(0.01)
@@ -161,7 +182,11 @@ def _summary(daemon: Daemon, total_bars: int, total_minutes: int, replay_s: floa
             "balanced": s.bars_accepted + sum(rejected.values()) == s.bars_received,
         },
         "minutes": {"sent_by_feed": total_minutes, "received": s.minute_ends},
-        "feed": {"seq_gaps": s.seq_gaps, "connects": s.feed_connects, "frame_errors": dict(s.feed_frame_errors)},
+        "feed": {
+            "seq_gaps": s.seq_gaps,
+            "connects": s.feed_connects,
+            "frame_errors": dict(s.feed_frame_errors),
+        },
         "batches": s.batches,
         "batch_rows": s.batch_rows,
         "signals": {k: s.signals[k] for k in ("buy", "hold", "sell")},
@@ -193,6 +218,7 @@ def _summary(daemon: Daemon, total_bars: int, total_minutes: int, replay_s: floa
 
 def render_text(summary: dict[str, Any]) -> str:
     b, o, lat = summary["bars"], summary["orders"], summary["latency_us"]
+    e, sig = summary["engine"], summary["signals"]
 
     def lat_line(name: str) -> str:
         x = lat[name]
@@ -200,12 +226,13 @@ def render_text(summary: dict[str, Any]) -> str:
 
     lines = [
         f"source         {summary['source']}",
-        f"engine         {summary['engine']['name']} {summary['engine']['version']} on {summary['engine']['backend']}",
+        f"engine         {e['name']} {e['version']} on {e['backend']}",
         f"bars           received {b['received']}  accepted {b['accepted']}  rejected {sum(b['rejected'].values())}"
         f" {b['rejected'] or ''}  warm-up {b['warmup']}  -> {'balanced' if b['balanced'] else 'NOT BALANCED'}",
         f"batches        {summary['batches']} ({summary['batch_rows']} rows)",
-        f"signals        buy {summary['signals']['buy']}  hold {summary['signals']['hold']}  sell {summary['signals']['sell']}",
-        f"orders         intents {o['intents']}  sent {o['sent']}  denied {sum(o['denied'].values())} {o['denied'] or ''}"
+        f"signals        buy {sig['buy']}  hold {sig['hold']}  sell {sig['sell']}",
+        f"orders         intents {o['intents']}  sent {o['sent']}"
+        f"  denied {sum(o['denied'].values())} {o['denied'] or ''}"
         f"  filled {o['filled']}  broker received {o['received_by_broker']}"
         f"  -> {'balanced' if o['balanced'] else 'NOT BALANCED'}",
         lat_line("tick_to_order"),

@@ -61,4 +61,3 @@ class StatsCollector(Collector):
         engine = GaugeMetricFamily("tradingd_active_engine", "Engine serving inference", labels=["engine"])
         engine.add_metric([self._active_engine()], 1)
         yield engine
-

@@ -15,7 +15,9 @@ SELL, HOLD, BUY = 0, 1, 2
 CLASS_NAMES = ("sell", "hold", "buy")
 
 
-def classify(logits: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+def classify(
+    logits: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """Per row: the argmax class and its softmax probability."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(shifted)

@@ -29,7 +29,7 @@ from daemon.batcher import Batch, Batcher
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.feed.ingest import FeedProtocol
-from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, RejectReason, Rejected, UnknownType
+from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, Rejected, RejectReason, UnknownType
 from daemon.policy import CLASS_NAMES, HOLD, SignalPolicy, classify
 from daemon.stats import Stats
 from daemon.windows import FeatureWindows
@@ -52,7 +52,14 @@ class _InFlight:
 
 
 class Runtime:
-    def __init__(self, config: Config, engine: Engine, clock: Clock, journal: Journal, stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        engine: Engine,
+        clock: Clock,
+        journal: Journal,
+        stats: Stats | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.clock = clock
@@ -106,7 +113,12 @@ class Runtime:
             self._reject(RejectReason.UNKNOWN_SYMBOL, bar.symbol, bar.seq, bar.symbol)
             return
         if not self.windows.push(i, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.prev_close):
-            self._reject(RejectReason.OUT_OF_ORDER, f"ts {bar.ts} <= last {self.windows.last_ts[i]}", bar.seq, bar.symbol)
+            self._reject(
+                RejectReason.OUT_OF_ORDER,
+                f"ts {bar.ts} <= last {self.windows.last_ts[i]}",
+                bar.seq,
+                bar.symbol,
+            )
             return
         s.bars_accepted += 1
         if not self.windows.full(i):
@@ -151,7 +163,12 @@ class Runtime:
 
     def on_frame_error(self, error: FrameError) -> None:
         self.stats.feed_frame_errors[error.reason] += 1
-        log.error("feed_frame_error", reason=error.reason, detail=error.detail, action="dropping connection")
+        log.error(
+            "feed_frame_error",
+            reason=error.reason,
+            detail=error.detail,
+            action="dropping connection",
+        )
 
     def on_feed_event(self, kind: str, detail: str) -> None:
         log.info("feed_" + kind, detail=detail)
@@ -276,8 +293,16 @@ class Runtime:
         wall = self.clock.wall_ns()
         journal = self.journal
         journal.append(
-            "intent", wall, id=cl_ord_id, symbol=symbol, side=str(intent.side), qty=intent.qty,
-            price=intent.price, signal=CLASS_NAMES[cls], confidence=round(confidence, 4), ts_event=batch.ts_event[row],
+            "intent",
+            wall,
+            id=cl_ord_id,
+            symbol=symbol,
+            side=str(intent.side),
+            qty=intent.qty,
+            price=intent.price,
+            signal=CLASS_NAMES[cls],
+            confidence=round(confidence, 4),
+            ts_event=batch.ts_event[row],
         )
         denial = check_order(OrderCheck(symbol, str(intent.side), intent.qty, intent.price), self.limits)
         reason, detail = (str(denial.reason), denial.detail) if denial else (None, "")
@@ -290,7 +315,15 @@ class Runtime:
             log.info("order_denied", id=cl_ord_id, symbol=symbol, reason=reason, detail=detail)
             return
         assert gateway is not None
-        order = Order(cl_ord_id, symbol, intent.side, intent.qty, intent.price, batch.ts_event[row], batch.ts_recv[row])
+        order = Order(
+            cl_ord_id,
+            symbol,
+            intent.side,
+            intent.qty,
+            intent.price,
+            batch.ts_event[row],
+            batch.ts_recv[row],
+        )
         self.book.add(order)
         journal.append("send", wall, id=cl_ord_id)
         gateway.send(wire.NewOrder(cl_ord_id, symbol, intent.side, intent.qty, intent.price, wall))
@@ -299,8 +332,15 @@ class Runtime:
         s.orders_sent += 1
         s.tick_to_order.record(ts_send - order.ts_recv)
         log.info(
-            "order_sent", id=cl_ord_id, symbol=symbol, side=str(intent.side), qty=intent.qty, price=intent.price,
-            signal=CLASS_NAMES[cls], confidence=round(confidence, 3), tick_to_order_us=(ts_send - order.ts_recv) // 1000,
+            "order_sent",
+            id=cl_ord_id,
+            symbol=symbol,
+            side=str(intent.side),
+            qty=intent.qty,
+            price=intent.price,
+            signal=CLASS_NAMES[cls],
+            confidence=round(confidence, 3),
+            tick_to_order_us=(ts_send - order.ts_recv) // 1000,
         )
 
     # -- broker ---------------------------------------------------------------------------
@@ -310,16 +350,33 @@ class Runtime:
         problem = self.book.apply(report)
         if problem is not None:
             s.reports_ignored[problem] += 1
-            log.warning("exec_report_ignored", id=report.cl_ord_id, status=str(report.status), problem=problem)
+            log.warning(
+                "exec_report_ignored",
+                id=report.cl_ord_id,
+                status=str(report.status),
+                problem=problem,
+            )
             return
         self.journal.append(
-            "report", self.clock.wall_ns(), id=report.cl_ord_id, exec_id=report.exec_id, status=str(report.status),
-            last_qty=report.last_qty, last_px=report.last_px, text=report.text,
+            "report",
+            self.clock.wall_ns(),
+            id=report.cl_ord_id,
+            exec_id=report.exec_id,
+            status=str(report.status),
+            last_qty=report.last_qty,
+            last_px=report.last_px,
+            text=report.text,
         )
         if report.last_qty:
             s.fills += 1
-            log.info("fill", id=report.cl_ord_id, symbol=report.symbol, qty=report.last_qty, px=report.last_px,
-                     position=self.book.positions.get(report.symbol, 0))
+            log.info(
+                "fill",
+                id=report.cl_ord_id,
+                symbol=report.symbol,
+                qty=report.last_qty,
+                px=report.last_px,
+                position=self.book.positions.get(report.symbol, 0),
+            )
         state = self.book.orders[report.cl_ord_id].state
         if state is OrderState.FILLED:
             s.orders_filled += 1
@@ -346,5 +403,3 @@ def _timed_infer(engine: Engine, bucket: int, now_ns: Callable[[], int]) -> tupl
     started = now_ns()
     logits = engine.infer(bucket)
     return logits, now_ns() - started
-
-

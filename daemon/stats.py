@@ -15,8 +15,31 @@ import numpy as np
 # Latency buckets in ns: dense from 10 us to 10 ms, then a tail to 1 s.
 LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
     int(us * 1000)
-    for us in (10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 1500, 2000, 2500, 3000, 4000,
-               5000, 7500, 10_000, 25_000, 100_000, 1_000_000)
+    for us in (
+        10,
+        25,
+        50,
+        75,
+        100,
+        150,
+        200,
+        300,
+        400,
+        500,
+        750,
+        1000,
+        1500,
+        2000,
+        2500,
+        3000,
+        4000,
+        5000,
+        7500,
+        10_000,
+        25_000,
+        100_000,
+        1_000_000,
+    )
 )
 
 
@@ -36,8 +59,7 @@ class LatencyRecorder:
         self._samples[self.count % len(self._samples)] = ns
         self.count += 1
         self.sum_ns += ns
-        if ns > self.max_ns:
-            self.max_ns = ns
+        self.max_ns = max(self.max_ns, ns)
 
     def samples(self) -> np.ndarray:
         return self._samples[: min(self.count, len(self._samples))]

@@ -34,7 +34,17 @@ class FeatureWindows:
         self._inv_std = np.array([1.0 / x.norm.std for x in features], dtype=np.float32)
         self._clip = np.array([x.norm.clip for x in features], dtype=np.float32)
 
-    def push(self, i: int, ts: int, o: float, h: float, lo: float, c: float, v: float, prev_close: float | None) -> bool:
+    def push(
+        self,
+        i: int,
+        ts: int,
+        o: float,
+        h: float,
+        lo: float,
+        c: float,
+        v: float,
+        prev_close: float | None,
+    ) -> bool:
         """Add a bar to symbol ``i``; False (nothing changed) when ``ts`` is not after its last bar."""
         if ts <= self.last_ts[i]:
             return False
@@ -65,4 +75,5 @@ class FeatureWindows:
         """A normalised copy of one symbol's window (for tools and tests, not the hot path)."""
         out = np.empty((1, self.window, self.buf.shape[2]), dtype=np.float32)
         self.gather(np.array([i], dtype=np.int64), out)
-        return out[0]
+        window: npt.NDArray[np.float32] = out[0]
+        return window

@@ -138,12 +138,16 @@ def _check_consistency(path: str, m: Manifest) -> None:
         raise ManifestError(path, "output.classes", f"expected {list(CLASSES)}, got {m.output.classes}")
     if len(m.features) != m.input.shape[2]:
         raise ManifestError(
-            path, "features", f"{len(m.features)} features listed but input.shape F = {m.input.shape[2]}"
+            path,
+            "features",
+            f"{len(m.features)} features listed but input.shape F = {m.input.shape[2]}",
         )
     for i, feature in enumerate(m.features):
         if feature.name not in SCALAR_FEATURES:
             raise ManifestError(
-                path, f"features[{i}].name", f"unknown feature {feature.name!r}; known: {sorted(SCALAR_FEATURES)}"
+                path,
+                f"features[{i}].name",
+                f"unknown feature {feature.name!r}; known: {sorted(SCALAR_FEATURES)}",
             )
     if not m.batch_buckets or list(m.batch_buckets) != sorted(set(m.batch_buckets)):
         raise ManifestError(path, "batch_buckets", f"must be non-empty and strictly increasing: {m.batch_buckets}")

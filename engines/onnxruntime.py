@@ -17,7 +17,12 @@ from engines.base import EngineHealth, EngineSpec
 from engines.errors import BackendUnavailableError, InferenceError, ModelMismatchError
 from engines.manifest import load_manifest
 
-_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 _DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16"}
 
 
@@ -38,7 +43,12 @@ class OnnxRuntimeEngine:
             raise ModelMismatchError(str(self.model_path), "sha256", spec.expect_sha256, self.manifest.sha256)
         self.buckets = tuple(spec.batch_buckets or self.manifest.batch_buckets)
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
-            raise ModelMismatchError(str(self.model_path), "batch_buckets", "strictly increasing positive ints", self.buckets)
+            raise ModelMismatchError(
+                str(self.model_path),
+                "batch_buckets",
+                "strictly increasing positive ints",
+                self.buckets,
+            )
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = spec.intra_op_threads
@@ -69,7 +79,12 @@ class OnnxRuntimeEngine:
         model = str(self.model_path)
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelMismatchError(model, "io", "one input and one output", f"{len(inputs)} inputs, {len(outputs)} outputs")
+            raise ModelMismatchError(
+                model,
+                "io",
+                "one input and one output",
+                f"{len(inputs)} inputs, {len(outputs)} outputs",
+            )
         (i,), (o,) = inputs, outputs
         m = self.manifest
         if i.name != m.input.name:

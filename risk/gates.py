@@ -64,7 +64,8 @@ def max_quantity(order: OrderCheck, limits: Limits) -> Denial | None:
 def max_notional(order: OrderCheck, limits: Limits) -> Denial | None:
     if order.notional > limits.max_order_notional:
         return Denial(
-            DenyReason.MAX_NOTIONAL, f"{order.symbol}: notional {order.notional:.2f} > {limits.max_order_notional:.2f}"
+            DenyReason.MAX_NOTIONAL,
+            f"{order.symbol}: notional {order.notional:.2f} > {limits.max_order_notional:.2f}",
         )
     return None
 

@@ -12,7 +12,15 @@ import msgpack
 
 from broker.sim import BrokerSimulator, SimConfig
 from daemon.app import Daemon
-from daemon.config import BatchConfig, BrokerConfig, Config, FeedConfig, JournalConfig, MetricsConfig, UniverseConfig
+from daemon.config import (
+    BatchConfig,
+    BrokerConfig,
+    Config,
+    FeedConfig,
+    JournalConfig,
+    MetricsConfig,
+    UniverseConfig,
+)
 
 NS_PER_MIN = 60_000_000_000
 T0 = 1_700_000_040_000_000_000
@@ -47,8 +55,15 @@ class ScriptedFeed:
 
 def bar(seq: int, symbol: str, minute: int, close: float = 100.0, **override: object) -> dict[str, object]:
     message: dict[str, object] = {
-        "type": "bar", "seq": seq, "symbol": symbol, "ts": T0 + minute * NS_PER_MIN,
-        "open": close, "high": close * 1.001, "low": close * 0.999, "close": close, "volume": 1000.0,
+        "type": "bar",
+        "seq": seq,
+        "symbol": symbol,
+        "ts": T0 + minute * NS_PER_MIN,
+        "open": close,
+        "high": close * 1.001,
+        "low": close * 0.999,
+        "close": close,
+        "volume": 1000.0,
     }
     message.update(override)
     return message
@@ -89,7 +104,10 @@ def rig_config(tmp: Path, feed_port: int, broker_port: int, symbols: tuple[str, 
 
 @contextlib.asynccontextmanager
 async def running_rig(
-    tmp: Path, symbols: tuple[str, ...] = ("AAA", "BBB"), sim: SimConfig | None = None, **sections: object
+    tmp: Path,
+    symbols: tuple[str, ...] = ("AAA", "BBB"),
+    sim: SimConfig | None = None,
+    **sections: object,
 ) -> AsyncIterator[Rig]:
     """Broker simulator + scripted feed + daemon (real engine) on loopback, torn down after."""
     broker = BrokerSimulator(sim or SimConfig(), tmp / "broker.jsonl")

@@ -35,7 +35,9 @@ def test_every_added_symbol_is_taken_once_per_wait_in_arrival_order(
             batch = batcher.take()
             assert len(batch) <= max_batch
             assert list(batch.symbols) == waiting[:max_batch]
-            assert batch.close == [1.0 + max(k for k, r in enumerate(adds[: step + 1]) if r % n_symbols == i) for i in waiting[:max_batch]]
+            assert batch.close == [
+                1.0 + max(k for k, r in enumerate(adds[: step + 1]) if r % n_symbols == i) for i in waiting[:max_batch]
+            ]
             taken.extend(batch.symbols.tolist())
             del waiting[:max_batch]
     while len(batcher):

@@ -45,7 +45,9 @@ def _keys(doc: dict[str, object], prefix: str = "") -> set[str]:
 def test_example_config_loads_and_shows_every_key() -> None:
     load_config(EXAMPLE)
     documented = _keys(tomllib.loads(EXAMPLE.read_text())) | {
-        "engine.primary.sha256", "engine.primary.batch_buckets", "engine.standby"  # shown commented out
+        "engine.primary.sha256",
+        "engine.primary.batch_buckets",
+        "engine.standby",  # shown commented out
     }
     missing = _fields(Config) - documented
     assert not missing, f"deploy/tradingd.example.toml does not document {sorted(missing)}"
@@ -87,13 +89,23 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 
 def test_run_when_config_is_bad_exits_78_naming_the_key(tmp_path: Path) -> None:
     path = _write(tmp_path, "[risk]\nmax_order_qty = -5\n")
-    result = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == EX_CONFIG
     assert "risk.max_order_qty" in result.stderr
 
 
 def test_run_when_model_hash_is_pinned_wrong_exits_78_naming_sha256(tmp_path: Path) -> None:
     path = _write(tmp_path, f"[engine.primary]\nsha256 = '{'0' * 64}'\n[journal]\npath = '{tmp_path / 'j'}'\n")
-    result = subprocess.run([sys.executable, "-m", "daemon", "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == EX_CONFIG
     assert "sha256" in result.stderr

@@ -34,10 +34,15 @@ async def _send_minutes(rig: Rig, symbols: tuple[str, ...], minutes: range, seq:
 
 async def test_full_windows_become_batches_signals_and_orders_at_the_broker(tmp_path: Path) -> None:
     symbols = ("AAA", "BBB", "CCC")
-    async with running_rig(tmp_path, symbols, SimConfig(partial_fills=2), signal=SignalConfig(confidence_threshold=0.0)) as rig:
+    async with running_rig(
+        tmp_path, symbols, SimConfig(partial_fills=2), signal=SignalConfig(confidence_threshold=0.0)
+    ) as rig:
         await _send_minutes(rig, symbols, range(WINDOW + 4))
         s = rig.daemon.stats
-        await wait_for(lambda: s.minute_ends == WINDOW + 4 and rig.daemon.runtime.idle_event.is_set(), what="all minutes")
+        await wait_for(
+            lambda: s.minute_ends == WINDOW + 4 and rig.daemon.runtime.idle_event.is_set(),
+            what="all minutes",
+        )
         assert s.bars_accepted == 3 * (WINDOW + 4)
         assert s.bars_warmup == 3 * (WINDOW - 1)
         assert s.batches >= 5 and s.batch_rows == 3 * 5
@@ -110,7 +115,9 @@ async def test_garbage_bytes_drop_the_connection_and_the_daemon_reconnects(tmp_p
         await _assert_reconnects_after(rig, b"\xc1GET / HTTP/1.1\r\n", "not_msgpack")
 
 
-async def test_oversized_frame_drops_the_connection_and_the_daemon_reconnects(tmp_path: Path) -> None:
+async def test_oversized_frame_drops_the_connection_and_the_daemon_reconnects(
+    tmp_path: Path,
+) -> None:
     async with running_rig(tmp_path) as rig:  # max_frame_bytes = 1024 in the rig
         await _assert_reconnects_after(rig, msgpack.packb({"type": "bar", "symbol": "A" * 5000}), "oversized_frame")
 
@@ -129,14 +136,19 @@ async def test_feed_that_closes_is_reconnected_and_resumed(tmp_path: Path) -> No
         assert s.feed_connects == 2 and s.feed_disconnects == 1
 
 
-async def test_orders_while_the_broker_is_gone_are_denied_with_a_reason_not_lost(tmp_path: Path) -> None:
+async def test_orders_while_the_broker_is_gone_are_denied_with_a_reason_not_lost(
+    tmp_path: Path,
+) -> None:
     symbols = ("AAA", "BBB", "CCC")
     async with running_rig(tmp_path, symbols, signal=SignalConfig(confidence_threshold=0.0)) as rig:
         await rig.broker.close()
         s = rig.daemon.stats
         await wait_for(lambda: s.broker_disconnects >= 1, what="broker loss noticed")
         await _send_minutes(rig, symbols, range(WINDOW + 2))
-        await wait_for(lambda: s.minute_ends == WINDOW + 2 and rig.daemon.runtime.idle_event.is_set(), what="minutes")
+        await wait_for(
+            lambda: s.minute_ends == WINDOW + 2 and rig.daemon.runtime.idle_event.is_set(),
+            what="minutes",
+        )
         assert s.intents >= 1
         assert s.orders_sent == 0
         assert s.orders_denied == {"broker_disconnected": s.intents}

@@ -87,7 +87,9 @@ def test_health_counts_inferences(engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_load_when_model_bytes_differ_from_manifest_hash_names_sha256(backend: str, shipped_model: Path, tmp_path: Path) -> None:
+def test_load_when_model_bytes_differ_from_manifest_hash_names_sha256(
+    backend: str, shipped_model: Path, tmp_path: Path
+) -> None:
     model = _copy_model(shipped_model, tmp_path)
     with model.open("ab") as f:
         f.write(b"\0")
@@ -97,7 +99,9 @@ def test_load_when_model_bytes_differ_from_manifest_hash_names_sha256(backend: s
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_load_when_manifest_shape_disagrees_with_model_names_input_shape(backend: str, shipped_model: Path, tmp_path: Path) -> None:
+def test_load_when_manifest_shape_disagrees_with_model_names_input_shape(
+    backend: str, shipped_model: Path, tmp_path: Path
+) -> None:
     model = _copy_model(shipped_model, tmp_path)
     manifest = load_manifest(model)
     window = manifest.window
@@ -110,7 +114,10 @@ def test_load_when_manifest_shape_disagrees_with_model_names_input_shape(backend
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"features": [{"name": "sentiment", "norm": {"kind": "zscore", "mean": 0, "std": 1}}] * 6}, "features[0].name"),
+        (
+            {"features": [{"name": "sentiment", "norm": {"kind": "zscore", "mean": 0, "std": 1}}] * 6},
+            "features[0].name",
+        ),
         ({"input__shape": ["B", 16]}, "input.shape"),
         ({"output__classes": ["buy", "hold", "sell"]}, "output.classes"),
         ({"batch_buckets": [8, 1]}, "batch_buckets"),
@@ -118,7 +125,9 @@ def test_load_when_manifest_shape_disagrees_with_model_names_input_shape(backend
         ({"input__dtype": "int8"}, "input.dtype"),
     ],
 )
-def test_load_when_manifest_is_malformed_names_the_field(shipped_model: Path, tmp_path: Path, changes: dict[str, object], field: str) -> None:
+def test_load_when_manifest_is_malformed_names_the_field(
+    shipped_model: Path, tmp_path: Path, changes: dict[str, object], field: str
+) -> None:
     model = _copy_model(shipped_model, tmp_path)
     _edit_manifest(model, **changes)
     with pytest.raises(ManifestError) as err:

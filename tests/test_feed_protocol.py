@@ -9,14 +9,28 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, Rejected, RejectReason, UnknownType, bar_map, decode
+from daemon.feed.protocol import (
+    Bar,
+    Heartbeat,
+    MinuteEnd,
+    Rejected,
+    RejectReason,
+    UnknownType,
+    bar_map,
+    decode,
+)
 from tests.helpers import bar
 
 
 def test_decode_when_bar_is_valid_returns_frozen_bar() -> None:
     message = decode(bar(7, "AAA", 0, close=50.0, prev_close=49.0))
     assert isinstance(message, Bar)
-    assert (message.seq, message.symbol, message.close, message.prev_close) == (7, "AAA", 50.0, 49.0)
+    assert (message.seq, message.symbol, message.close, message.prev_close) == (
+        7,
+        "AAA",
+        50.0,
+        49.0,
+    )
     with pytest.raises(AttributeError):
         message.close = 1.0  # type: ignore[misc]
 
@@ -69,7 +83,12 @@ def test_decode_control_messages() -> None:
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=6),
     max_leaves=12,
 )

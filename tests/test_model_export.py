@@ -29,7 +29,9 @@ def _windows(n: int, window: int, features: int, seed: int) -> np.ndarray:
 def test_reexporting_the_shipped_checkpoint_reproduces_the_shipped_model(shipped_model: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "model", "export", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     fresh = tmp_path / "model.onnx"
@@ -65,15 +67,26 @@ def test_a_real_qwen3_checkpoint_loads_and_exports_through_the_same_path(tmp_pat
     from engines.model.qwen_signal import FeatureNorm, SignalMeta, load_checkpoint  # noqa: PLC0415
 
     config = transformers.Qwen3Config(
-        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=12,
+        max_position_embeddings=128,
     )
     torch.manual_seed(11)
     causal_lm = transformers.Qwen3ForCausalLM(config)
     checkpoint = tmp_path / "qwen3"
     causal_lm.save_pretrained(checkpoint)
 
-    meta = SignalMeta("qwen3-finetune", "0.1.0", window=8, features=tuple(FeatureNorm(n, 0.0, 1.0) for n in DEFAULT_FEATURES))
+    meta = SignalMeta(
+        "qwen3-finetune",
+        "0.1.0",
+        window=8,
+        features=tuple(FeatureNorm(n, 0.0, 1.0) for n in DEFAULT_FEATURES),
+    )
     with pytest.raises(EngineError, match="signal_head"):
         load_checkpoint(checkpoint, meta=meta)
     model, _ = load_checkpoint(checkpoint, meta=meta, init_head_seed=5)

@@ -11,7 +11,9 @@ from daemon.windows import FeatureWindows
 from engines.features import DEFAULT_FEATURES, feature_array
 from engines.manifest import Feature, Normalisation
 
-FEATURES = tuple(Feature(n, Normalisation("zscore", mean=0.1 * i, std=0.5 + i, clip=3.0)) for i, n in enumerate(DEFAULT_FEATURES))
+FEATURES = tuple(
+    Feature(n, Normalisation("zscore", mean=0.1 * i, std=0.5 + i, clip=3.0)) for i, n in enumerate(DEFAULT_FEATURES)
+)
 
 
 def _reference(history: list[tuple[float, float, float, float, float]], window: int) -> np.ndarray:
@@ -22,7 +24,11 @@ def _reference(history: list[tuple[float, float, float, float, float]], window: 
 
 
 bars = st.tuples(
-    st.floats(1.0, 500.0), st.floats(1.0, 500.0), st.floats(0.0, 0.05), st.floats(0.0, 0.05), st.floats(0.0, 1e7)
+    st.floats(1.0, 500.0),
+    st.floats(1.0, 500.0),
+    st.floats(0.0, 0.05),
+    st.floats(0.0, 0.05),
+    st.floats(0.0, 1e7),
 ).map(lambda t: (t[0], max(t[0], t[1]) * (1 + t[2]), min(t[0], t[1]) * (1 - t[3]), t[1], t[4]))
 
 

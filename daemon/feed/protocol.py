@@ -71,7 +71,7 @@ Message = Bar | MinuteEnd | Heartbeat | UnknownType | Rejected
 _PRICES = ("open", "high", "low", "close")
 
 
-class _Invalid(Exception):
+class _InvalidError(Exception):
     def __init__(self, reason: RejectReason, detail: str) -> None:
         self.reason = reason
         self.detail = detail
@@ -80,34 +80,34 @@ class _Invalid(Exception):
 def _int(obj: dict[Any, Any], key: str) -> int:
     value = obj.get(key)
     if value is None:
-        raise _Invalid(RejectReason.MISSING_FIELD, key)
+        raise _InvalidError(RejectReason.MISSING_FIELD, key)
     if type(value) is not int:
-        raise _Invalid(RejectReason.BAD_TYPE, f"{key} must be an integer, got {type(value).__name__}")
+        raise _InvalidError(RejectReason.BAD_TYPE, f"{key} must be an integer, got {type(value).__name__}")
     return value
 
 
 def _num(obj: dict[Any, Any], key: str) -> float:
     value = obj.get(key)
     if value is None:
-        raise _Invalid(RejectReason.MISSING_FIELD, key)
+        raise _InvalidError(RejectReason.MISSING_FIELD, key)
     kind = type(value)
     if kind is not float and kind is not int:
-        raise _Invalid(RejectReason.BAD_TYPE, f"{key} must be a number, got {kind.__name__}")
+        raise _InvalidError(RejectReason.BAD_TYPE, f"{key} must be a number, got {kind.__name__}")
     number = float(value)
     if not math.isfinite(number):
-        raise _Invalid(RejectReason.NON_FINITE, f"{key}={value}")
+        raise _InvalidError(RejectReason.NON_FINITE, f"{key}={value}")
     return number
 
 
 def _decode_bar(obj: dict[Any, Any]) -> Bar:
     seq = _int(obj, "seq")
     if seq < 0:
-        raise _Invalid(RejectReason.BAD_TYPE, f"seq must be unsigned, got {seq}")
+        raise _InvalidError(RejectReason.BAD_TYPE, f"seq must be unsigned, got {seq}")
     symbol = obj.get("symbol")
     if symbol is None:
-        raise _Invalid(RejectReason.MISSING_FIELD, "symbol")
+        raise _InvalidError(RejectReason.MISSING_FIELD, "symbol")
     if type(symbol) is not str or not symbol:
-        raise _Invalid(RejectReason.BAD_TYPE, f"symbol must be a non-empty string, got {symbol!r}")
+        raise _InvalidError(RejectReason.BAD_TYPE, f"symbol must be a non-empty string, got {symbol!r}")
     ts = _int(obj, "ts")
     o, h, lo, c = (_num(obj, k) for k in _PRICES)
     v = _num(obj, "volume")
@@ -115,13 +115,13 @@ def _decode_bar(obj: dict[Any, Any]) -> Bar:
     if prev is not None:
         prev = _num(obj, "prev_close")
         if prev <= 0.0:
-            raise _Invalid(RejectReason.NON_POSITIVE_PRICE, f"prev_close={prev}")
+            raise _InvalidError(RejectReason.NON_POSITIVE_PRICE, f"prev_close={prev}")
     if o <= 0.0 or h <= 0.0 or lo <= 0.0 or c <= 0.0:
-        raise _Invalid(RejectReason.NON_POSITIVE_PRICE, f"open={o} high={h} low={lo} close={c}")
+        raise _InvalidError(RejectReason.NON_POSITIVE_PRICE, f"open={o} high={h} low={lo} close={c}")
     if lo > min(o, c) or h < max(o, c):
-        raise _Invalid(RejectReason.INCONSISTENT_OHLC, f"open={o} high={h} low={lo} close={c}")
+        raise _InvalidError(RejectReason.INCONSISTENT_OHLC, f"open={o} high={h} low={lo} close={c}")
     if v < 0.0:
-        raise _Invalid(RejectReason.NEGATIVE_VOLUME, f"volume={v}")
+        raise _InvalidError(RejectReason.NEGATIVE_VOLUME, f"volume={v}")
     return Bar(seq, symbol, ts, o, h, lo, c, v, prev)
 
 
@@ -143,7 +143,7 @@ def decode(obj: object) -> Message:
                 return UnknownType(other)
             case other:
                 return Rejected(RejectReason.BAD_TYPE, f"type must be a string, got {type(other).__name__}")
-    except _Invalid as exc:
+    except _InvalidError as exc:
         seq, symbol = obj.get("seq"), obj.get("symbol")
         return Rejected(
             exc.reason,

@@ -48,7 +48,14 @@ def load_csv(path: Path) -> list[Minute]:
         for line, row in enumerate(reader, start=2):
             try:
                 close_ts = _ts_ns(row[1]) + NS_PER_MIN
-                values = (row[0], float(row[2]), float(row[3]), float(row[4]), float(row[5]), float(row[6]))
+                values = (
+                    row[0],
+                    float(row[2]),
+                    float(row[3]),
+                    float(row[4]),
+                    float(row[5]),
+                    float(row[6]),
+                )
             except (ValueError, IndexError) as exc:
                 raise ReplayError(str(path), line, f"bad row {row}: {exc}") from exc
             by_minute.setdefault(close_ts, []).append(values)

@@ -58,7 +58,13 @@ class SignalMeta:
 
 
 def small_config(
-    *, window: int, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 96
+    *,
+    window: int,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 96,
 ) -> Qwen3Config:
     """A Qwen3 config sized for the CPU budget; token embeddings are unused, so the vocabulary is tiny."""
     return Qwen3Config(
@@ -87,7 +93,8 @@ class QwenSignalModel(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(inputs_embeds=self.proj(features), use_cache=False).last_hidden_state
-        return self.head(hidden[:, -1, :])
+        logits: torch.Tensor = self.head(hidden[:, -1, :])
+        return logits
 
 
 def new_model(meta: SignalMeta, config: Qwen3Config, seed: int) -> QwenSignalModel:
@@ -105,7 +112,9 @@ def save_checkpoint(model: QwenSignalModel, meta: SignalMeta, out: Path) -> None
     (out / META_FILE).write_text(meta.to_json())
 
 
-def load_checkpoint(path: Path, *, meta: SignalMeta | None = None, init_head_seed: int | None = None) -> tuple[QwenSignalModel, SignalMeta]:
+def load_checkpoint(
+    path: Path, *, meta: SignalMeta | None = None, init_head_seed: int | None = None
+) -> tuple[QwenSignalModel, SignalMeta]:
     """Load a signal checkpoint, or a plain Qwen3 checkpoint (backbone only) through the same path.
 
     A plain Qwen3 checkpoint (``Qwen3Model`` or ``Qwen3ForCausalLM`` as transformers saves it)

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from engines.features import DEFAULT_FEATURES, feature_array
-from engines.model.qwen_signal import FeatureNorm, QwenSignalModel, SignalMeta, new_model, small_config
+from engines.model.qwen_signal import (
+    FeatureNorm,
+    QwenSignalModel,
+    SignalMeta,
+    new_model,
+    small_config,
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,10 @@ class TrainReport:
 
 
 def make_dataset(
-    series: Sequence[npt.NDArray[np.float64]], features: tuple[str, ...], window: int, hold_band: float
+    series: Sequence[npt.NDArray[np.float64]],
+    features: tuple[str, ...],
+    window: int,
+    hold_band: float,
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
     """Windows [N, W, F] of raw features, labels [N] (0 sell, 1 hold, 2 buy), next returns [N]."""
     xs, ys, rs = [], [], []
@@ -85,7 +94,11 @@ def train(
         return torch.from_numpy(np.clip((a - mean) / std, -5.0, 5.0).astype(np.float32))
 
     meta = SignalMeta(name=name, version=version, window=window, features=norms)
-    model = new_model(meta, small_config(window=window, hidden=hidden, layers=layers, intermediate=3 * hidden), seed)
+    model = new_model(
+        meta,
+        small_config(window=window, hidden=hidden, layers=layers, intermediate=3 * hidden),
+        seed,
+    )
     model.train()
     xt, yt = normalise(x), torch.from_numpy(y)
     counts = np.bincount(y, minlength=3).astype(np.float64)
@@ -98,7 +111,7 @@ def train(
         idx = torch.from_numpy(rng.integers(0, len(xt), size=batch_size))
         loss = loss_fn(model(xt[idx]), yt[idx])
         optimiser.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         optimiser.step()
         loss_value = float(loss.detach())
         if progress is not None and (step % 25 == 0 or step == steps):
