@@ -94,6 +94,9 @@ class FeedProtocol(ClosingProtocol):
                             sink.on_bar(message, ts_recv)
                         case MinuteEnd():
                             sink.on_minute_end(message, ts_recv)
+                            # One read can hold several minutes (a replay at full speed); the
+                            # next minute's bars are received once this one has been handed on.
+                            ts_recv = self._now_ns()
                         case Heartbeat():
                             sink.on_heartbeat(message, ts_recv)
                         case Rejected():
