@@ -75,8 +75,10 @@ def main() -> None:
         ("always buy", *_score(np.full(len(moves), BUY), moves)),
     ]
     print(f"data {args.data.name}: {len(moves)} windows over {len(symbols)} symbols; model {m.name} {m.version}")
-    print(f"model calls: buy {(calls == BUY).sum()}  hold {(calls == 1).sum()}  sell {(calls == SELL).sum()}; "
-          f"next move flat in {(moves == 0).sum()} windows")
+    print(
+        f"model calls: buy {(calls == BUY).sum()}  hold {(calls == 1).sum()}  sell {(calls == SELL).sum()}; "
+        f"next move flat in {(moves == 0).sum()} windows"
+    )
     print()
     print("| predictor | direction accuracy | calls |")
     print("|---|---:|---:|")

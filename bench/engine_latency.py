@@ -38,8 +38,10 @@ def main() -> None:
     plain = ort.InferenceSession(str(args.model), options, providers=["CPUExecutionProvider"])
     m = engine.manifest
     rng = np.random.default_rng(0)
-    print(f"model {m.name} {m.version} ({args.model}), onnxruntime {ort.__version__}, "
-          f"{args.threads} intra-op thread(s), {args.iterations} iterations, {platform.processor() or platform.machine()}")
+    print(
+        f"model {m.name} {m.version} ({args.model}), onnxruntime {ort.__version__}, "
+        f"{args.threads} intra-op thread(s), {args.iterations} iterations, {platform.processor() or platform.machine()}"
+    )
     print()
     print("| bucket | engine.infer p50 µs | p99 µs | max µs | plain run() p50 µs | p99 µs | per row p50 µs |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -57,7 +59,10 @@ def main() -> None:
             base.append(time.perf_counter_ns() - t)
         o50, o99 = np.percentile(ours, [50, 99]) / 1000
         b50, b99 = np.percentile(base, [50, 99]) / 1000
-        print(f"| {bucket} | {o50:.0f} | {o99:.0f} | {max(ours) / 1000:.0f} | {b50:.0f} | {b99:.0f} | {o50 / bucket:.1f} |")
+        print(
+            f"| {bucket} | {o50:.0f} | {o99:.0f} | {max(ours) / 1000:.0f} "
+            f"| {b50:.0f} | {b99:.0f} | {o50 / bucket:.1f} |"
+        )
 
 
 if __name__ == "__main__":

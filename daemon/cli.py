@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 import uvloop
@@ -19,6 +19,10 @@ from engines.errors import EngineError, ManifestError, ModelMismatchError
 
 # The export extra's default buckets, without importing torch to print --help.
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256)
+
+if TYPE_CHECKING:
+    from broker.sim import BrokerSimulator
+    from daemon.feed.replay import ReplayServer
 
 T = TypeVar("T")
 log = structlog.get_logger("tradingd.cli")
@@ -35,13 +39,20 @@ def _announce(host: str, port: int) -> None:
     sys.stdout.flush()
 
 
-async def _serve_until_signalled(close: Any) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await close()
+def _serve(server: ReplayServer | BrokerSimulator, host: str, port: int) -> None:
+    """Run a server command: listen, announce the port, serve until SIGTERM or SIGINT."""
+
+    async def main() -> None:
+        bound = await server.start(host, port)
+        _announce(host, bound)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.close()
+
+    _run_async(main())
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -92,13 +103,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"tradingd replay: {exc}", file=sys.stderr)
         return 1
 
-    async def main() -> None:
-        server = ReplayServer(minutes, speed=args.speed)
-        port = await server.start(args.host, args.port)
-        _announce(args.host, port)
-        await _serve_until_signalled(server.close)
-
-    _run_async(main())
+    _serve(ReplayServer(minutes, speed=args.speed), args.host, args.port)
     return 0
 
 
@@ -121,13 +126,7 @@ def cmd_broker_sim(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
 
-    async def main() -> None:
-        sim = BrokerSimulator(config, Path(args.log) if args.log else None)
-        port = await sim.start(args.host, args.port)
-        _announce(args.host, port)
-        await _serve_until_signalled(sim.close)
-
-    _run_async(main())
+    _serve(BrokerSimulator(config, Path(args.log) if args.log else None), args.host, args.port)
     return 0
 
 

@@ -31,6 +31,9 @@ from daemon.config import (
 )
 from daemon.feed.replay import load_csv, symbols_of
 from daemon.feed.synth import SynthParams, generate, write_csv
+from daemon.runtime import Runtime
+from daemon.stats import Stats
+from engines.base import Engine
 
 
 class DemoError(Exception):
@@ -124,8 +127,8 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             daemon = Daemon(config, config_file="(demo defaults)")
             started = time.perf_counter()
             await daemon.start(status=lambda s: _progress(progress, f"demo: {s}"))
-            runtime, stats = daemon.runtime, daemon.stats
-            assert runtime is not None
+            runtime, stats, engine = daemon.runtime, daemon.stats, daemon.engine
+            assert runtime is not None and engine is not None
             replay_started = time.perf_counter()
             last_shown = 0.0
             while not (stats.minute_ends >= total_minutes and runtime.idle_event.is_set()):
@@ -151,21 +154,21 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
                 await asyncio.sleep(0.01)
             _progress(progress, f"demo: replayed {total_minutes} minutes in {replay_s:.2f} s", final=True)
             await daemon.shutdown()
-            summary = _summary(daemon, total_bars, total_minutes, replay_s, broker_log)
+            daemon = None
+            summary = _summary(runtime, stats, engine, total_bars, total_minutes, replay_s, broker_log)
             summary["source"] = source
             return summary
         finally:
-            if daemon is not None and daemon.runtime is not None:
-                daemon.runtime.close()
+            if daemon is not None:
+                await daemon.shutdown(deadline_s=1.0)
             for proc in (feed, broker):
                 if proc is not None:
                     await _stop(proc)
 
 
-def _summary(daemon: Daemon, total_bars: int, total_minutes: int, replay_s: float, broker_log: Path) -> dict[str, Any]:
-    s = daemon.stats
-    runtime, engine = daemon.runtime, daemon.engine
-    assert runtime is not None and engine is not None
+def _summary(
+    runtime: Runtime, s: Stats, engine: Engine, total_bars: int, total_minutes: int, replay_s: float, broker_log: Path
+) -> dict[str, Any]:
     states = runtime.book.count_by_state()
     rejected = dict(sorted(s.bars_rejected.items()))
     denied = dict(sorted(s.orders_denied.items()))

@@ -292,18 +292,16 @@ class Runtime:
         cl_ord_id = f"{self._id_prefix}-{self._order_seq}"
         wall = self.clock.wall_ns()
         journal = self.journal
-        journal.append(
-            "intent",
-            wall,
-            id=cl_ord_id,
-            symbol=symbol,
-            side=str(intent.side),
-            qty=intent.qty,
-            price=intent.price,
-            signal=CLASS_NAMES[cls],
-            confidence=round(confidence, 4),
-            ts_event=batch.ts_event[row],
-        )
+        fields = {
+            "id": cl_ord_id,
+            "symbol": symbol,
+            "side": str(intent.side),
+            "qty": intent.qty,
+            "price": intent.price,
+            "signal": CLASS_NAMES[cls],
+            "confidence": round(confidence, 4),
+        }
+        journal.append("intent", wall, ts_event=batch.ts_event[row], **fields)
         denial = check_order(OrderCheck(symbol, str(intent.side), intent.qty, intent.price), self.limits)
         reason, detail = (str(denial.reason), denial.detail) if denial else (None, "")
         gateway = self.gateway
@@ -312,36 +310,19 @@ class Runtime:
         if reason is not None:
             s.orders_denied[reason] += 1
             journal.append("denied", wall, id=cl_ord_id, reason=reason, detail=detail)
-            log.info("order_denied", id=cl_ord_id, symbol=symbol, reason=reason, detail=detail)
+            log.info("order_denied", reason=reason, detail=detail, **fields)
             return
         assert gateway is not None
-        order = Order(
-            cl_ord_id,
-            symbol,
-            intent.side,
-            intent.qty,
-            intent.price,
-            batch.ts_event[row],
-            batch.ts_recv[row],
-        )
+        ts_recv = batch.ts_recv[row]
+        order = Order(cl_ord_id, symbol, intent.side, intent.qty, intent.price, batch.ts_event[row], ts_recv)
         self.book.add(order)
         journal.append("send", wall, id=cl_ord_id)
         gateway.send(wire.NewOrder(cl_ord_id, symbol, intent.side, intent.qty, intent.price, wall))
         ts_send = self.clock.mono_ns()
         self.book.mark_sent(order, ts_send)
         s.orders_sent += 1
-        s.tick_to_order.record(ts_send - order.ts_recv)
-        log.info(
-            "order_sent",
-            id=cl_ord_id,
-            symbol=symbol,
-            side=str(intent.side),
-            qty=intent.qty,
-            price=intent.price,
-            signal=CLASS_NAMES[cls],
-            confidence=round(confidence, 3),
-            tick_to_order_us=(ts_send - order.ts_recv) // 1000,
-        )
+        s.tick_to_order.record(ts_send - ts_recv)
+        log.info("order_sent", tick_to_order_us=(ts_send - ts_recv) // 1000, **fields)
 
     # -- broker ---------------------------------------------------------------------------
 
