@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="feed, daemon and broker simulator on this machine, then a summary")
     p.add_argument("--minutes", type=int, default=30)
-    p.add_argument("--symbols", type=int, default=64)
+    p.add_argument("--symbols", type=int, default=32)
     p.add_argument("--data", type=Path, help="replay this CSV instead of synthetic bars")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_model_export)
     p = msub.add_parser("train", help="train a small signal model on synthetic bars, then export it")
     p.add_argument("--out", required=True)
-    p.add_argument("--symbols", type=int, default=64)
+    p.add_argument("--symbols", type=int, default=32)
     p.add_argument("--minutes", type=int, default=2000)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=7)

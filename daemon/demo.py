@@ -43,7 +43,7 @@ class DemoError(Exception):
 @dataclass(frozen=True, slots=True)
 class DemoOptions:
     minutes: int = 30
-    symbols: int = 64
+    symbols: int = 32
     data: Path | None = None
     seed: int = 1
     timeout_s: float = 300.0

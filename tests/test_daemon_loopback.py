@@ -3,6 +3,7 @@ reach the broker simulator. The daemon must keep running through all of it."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 
@@ -152,3 +153,34 @@ async def test_orders_while_the_broker_is_gone_are_denied_with_a_reason_not_lost
         assert s.intents >= 1
         assert s.orders_sent == 0
         assert s.orders_denied == {"broker_disconnected": s.intents}
+
+
+async def test_intents_are_journaled_before_send_and_metrics_are_scrapeable(tmp_path: Path) -> None:
+    import urllib.request  # noqa: PLC0415
+
+    from broker.journal import read_journal  # noqa: PLC0415
+    from daemon.config import MetricsConfig  # noqa: PLC0415
+
+    symbols = ("AAA", "BBB", "CCC")
+    async with running_rig(
+        tmp_path, symbols, signal=SignalConfig(confidence_threshold=0.0), metrics=MetricsConfig(port=0)
+    ) as rig:
+        await _send_minutes(rig, symbols, range(WINDOW + 3))
+        s = rig.daemon.stats
+        book = rig.daemon.runtime.book
+        await wait_for(lambda: s.minute_ends == WINDOW + 3 and rig.daemon.runtime.idle_event.is_set(), what="minutes")
+        await wait_for(lambda: all(o.state in FINAL for o in book.orders.values()), what="fills")
+        url = f"http://127.0.0.1:{rig.daemon.metrics_port}/metrics"
+        body = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    assert s.orders_sent >= 1
+    assert f'tradingd_orders_total{{outcome="sent"}} {float(s.orders_sent)}' in body
+    assert f'tradingd_bars_total{{outcome="accepted"}} {float(s.bars_accepted)}' in body
+    assert f"tradingd_inference_seconds_count {float(s.batches)}" in body
+    assert 'tradingd_tick_to_order_seconds_bucket{le="0.005"}' in body
+
+    records = list(read_journal(tmp_path / "journal.msgpack"))
+    position = {(r["kind"], r["id"]): k for k, r in enumerate(records) if "id" in r}
+    for order in rig.broker.received:
+        assert position[("intent", order.cl_ord_id)] < position[("send", order.cl_ord_id)]
+        assert ("report", order.cl_ord_id) in position
+    assert sum(1 for r in records if r["kind"] == "intent") == s.intents

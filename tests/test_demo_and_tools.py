@@ -26,12 +26,12 @@ def test_demo_json_summary_accounts_for_every_bar_and_order() -> None:
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     bars, orders = summary["bars"], summary["orders"]
-    assert bars["received"] == bars["sent_by_feed"] == 64 * 30
+    assert bars["received"] == bars["sent_by_feed"] == 32 * 30
     assert bars["accepted"] + sum(bars["rejected"].values()) == bars["received"] and bars["balanced"]
-    assert bars["warmup"] == 64 * (WINDOW - 1)
+    assert bars["warmup"] == 32 * (WINDOW - 1)
     # Replayed at full speed, every minute past warm-up is still inferred: backpressure, not loss.
     assert summary["batches"] == 30 - (WINDOW - 1) and bars["superseded"] == 0
-    assert sum(summary["signals"].values()) == 64 * (30 - (WINDOW - 1))
+    assert sum(summary["signals"].values()) == 32 * (30 - (WINDOW - 1))
     assert orders["sent"] + sum(orders["denied"].values()) == orders["intents"] and orders["balanced"]
     assert orders["received_by_broker"] == orders["sent"] == orders["filled"] and orders["open"] == 0
     assert summary["engine"]["backend"] == "onnxruntime" and summary["engine"]["name"] == "qwen-signal"
