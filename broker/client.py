@@ -51,12 +51,14 @@ class GatewayClient:
         *,
         on_report: Callable[[wire.ExecReport], None],
         on_event: Callable[[str, str], None],
+        on_status: Callable[[wire.Status], None] = lambda _: None,
         backoff: Backoff,
         max_frame_bytes: int = 65536,
     ) -> None:
         self.host = host
         self.port = port
         self.on_report = on_report
+        self.on_status = on_status
         self.on_event = on_event
         self.backoff = backoff
         self.max_frame_bytes = max_frame_bytes
@@ -84,7 +86,7 @@ class GatewayClient:
     def stop(self) -> None:
         self._stopping.set()
 
-    def send(self, message: wire.NewOrder | wire.Cancel) -> bool:
+    def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
         """Write one message; False when there is no connection to write it to."""
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -105,6 +107,8 @@ class GatewayClient:
         match message:
             case wire.ExecReport():
                 self.on_report(message)
+            case wire.Status():
+                self.on_status(message)
             case wire.Heartbeat():
                 pass
             case wire.Malformed(detail=detail):

@@ -61,3 +61,28 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
         for block in iter(lambda: f.read(1 << 16), b""):
             unpacker.feed(block)
             yield from unpacker
+
+
+def recover_journal(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Read every complete record and cut off a torn tail, so appends start on a record boundary.
+
+    Returns the records and the number of bytes cut (0 unless the last write was torn).
+    """
+    if not path.exists():
+        return [], 0
+    unpacker = msgpack.Unpacker(raw=False)
+    records: list[dict[str, Any]] = []
+    good = 0
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 16), b""):
+            unpacker.feed(block)
+            for record in unpacker:
+                records.append(record)
+                good = unpacker.tell()
+    size = path.stat().st_size
+    if size > good:
+        with path.open("r+b") as f:
+            f.truncate(good)
+            f.flush()
+            os.fsync(f.fileno())
+    return records, size - good

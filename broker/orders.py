@@ -16,6 +16,7 @@ from broker.protocol import ExecReport, ExecStatus, Side
 
 class OrderState(StrEnum):
     INTENT = "intent"
+    PARKED = "parked"  # waiting for an operator's review
     DENIED = "denied"
     SENT = "sent"
     ACKED = "acked"
@@ -29,7 +30,8 @@ FINAL = frozenset({OrderState.DENIED, OrderState.FILLED, OrderState.CANCELED, Or
 _LIVE_AFTER_SEND = frozenset({OrderState.PARTIALLY_FILLED, OrderState.FILLED, OrderState.CANCELED, OrderState.REJECTED})
 
 TRANSITIONS: dict[OrderState, frozenset[OrderState]] = {
-    OrderState.INTENT: frozenset({OrderState.DENIED, OrderState.SENT}),
+    OrderState.INTENT: frozenset({OrderState.DENIED, OrderState.SENT, OrderState.PARKED}),
+    OrderState.PARKED: frozenset({OrderState.DENIED, OrderState.SENT}),
     OrderState.SENT: _LIVE_AFTER_SEND | {OrderState.ACKED},
     OrderState.ACKED: _LIVE_AFTER_SEND,
     OrderState.PARTIALLY_FILLED: frozenset({OrderState.PARTIALLY_FILLED, OrderState.FILLED, OrderState.CANCELED}),
@@ -65,7 +67,7 @@ class Order:
 
     @property
     def signed_open_qty(self) -> int:
-        if self.state in FINAL or self.state is OrderState.INTENT:
+        if self.state in FINAL or self.state in (OrderState.INTENT, OrderState.PARKED):
             return 0
         left = self.qty - self.filled_qty
         return left if self.side is Side.BUY else -left
@@ -83,6 +85,7 @@ class OrderBook:
     orders: dict[str, Order] = field(default_factory=dict)
     positions: dict[str, int] = field(default_factory=dict)
     open_qty: dict[str, int] = field(default_factory=dict)
+    working: dict[str, Order] = field(default_factory=dict)  # sent and not yet final
 
     def add(self, order: Order) -> None:
         self.orders[order.cl_ord_id] = order
@@ -95,6 +98,7 @@ class OrderBook:
         order.move(OrderState.SENT)
         order.ts_send = ts_send
         self.open_qty[order.symbol] = self.open_qty.get(order.symbol, 0) + order.signed_open_qty
+        self.working[order.cl_ord_id] = order
 
     def apply(self, report: ExecReport) -> str | None:
         """Apply a report; returns None, or the reason it was not applied."""
@@ -116,6 +120,8 @@ class OrderBook:
         if target is OrderState.REJECTED:
             order.reject_text = report.text
         self.open_qty[order.symbol] = self.open_qty.get(order.symbol, 0) - before + order.signed_open_qty
+        if target in FINAL:
+            self.working.pop(order.cl_ord_id, None)
         return None
 
     def count_by_state(self) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The native order-gateway protocol: msgpack maps over TCP, typed and validated here.
 
-Daemon -> broker: ``new_order``, ``cancel``, ``heartbeat``.
-Broker -> daemon: ``exec_report``, ``heartbeat``.
+Daemon -> broker: ``new_order``, ``cancel``, ``status_request``, ``heartbeat``.
+Broker -> daemon: ``exec_report``, ``status``, ``heartbeat``.
 """
 
 from __future__ import annotations
@@ -61,22 +61,51 @@ class Heartbeat(msgspec.Struct, frozen=True):
     ts: int
 
 
+class StatusRequest(msgspec.Struct, frozen=True):
+    """Ask the broker where these orders stand, and for the account's positions."""
+
+    cl_ord_ids: list[str]
+    ts: int
+
+
+class OrderStatus(msgspec.Struct, frozen=True):
+    cl_ord_id: str
+    symbol: str
+    side: Side
+    qty: int
+    price: float
+    status: ExecStatus
+    cum_qty: int
+    avg_px: float
+
+
+class Status(msgspec.Struct, frozen=True):
+    """The broker's answer: the orders it knows of those asked about, and every position."""
+
+    orders: list[OrderStatus]
+    unknown: list[str]
+    positions: dict[str, int]
+    ts: int
+
+
 class Malformed(msgspec.Struct, frozen=True):
     detail: str
 
 
-GatewayMessage = NewOrder | Cancel | ExecReport | Heartbeat | Malformed
+GatewayMessage = NewOrder | Cancel | ExecReport | Heartbeat | StatusRequest | Status | Malformed
 
 _TYPES: dict[str, type[msgspec.Struct]] = {
     "new_order": NewOrder,
     "cancel": Cancel,
     "exec_report": ExecReport,
     "heartbeat": Heartbeat,
+    "status_request": StatusRequest,
+    "status": Status,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 
 
-def encode(message: NewOrder | Cancel | ExecReport | Heartbeat) -> dict[str, Any]:
+def encode(message: NewOrder | Cancel | ExecReport | Heartbeat | StatusRequest | Status) -> dict[str, Any]:
     """The wire map of a message (the caller packs it)."""
     out: dict[str, Any] = msgspec.to_builtins(message)
     out["type"] = _NAMES[type(message)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
@@ -35,6 +36,7 @@ class SimConfig:
 class _Working:
     order: wire.NewOrder
     cum_qty: int = 0
+    status: wire.ExecStatus = wire.ExecStatus.NEW
 
 
 class _SimProtocol(asyncio.Protocol):
@@ -68,7 +70,7 @@ class _SimProtocol(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
 
-    def send(self, report: wire.ExecReport | wire.Heartbeat) -> None:
+    def send(self, report: wire.ExecReport | wire.Heartbeat | wire.Status) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(self._packer.pack(wire.encode(report)))
 
@@ -84,6 +86,7 @@ class BrokerSimulator:
         self._exec_seq = 0
         self._server: asyncio.Server | None = None
         self._live: set[_SimProtocol] = set()
+        self.positions: dict[str, int] = {}
         self.received: list[wire.NewOrder] = []
         self.connections = 0
         self.malformed = 0
@@ -117,13 +120,24 @@ class BrokerSimulator:
                 self._later(self._on_cancel, conn, message)
             case wire.Heartbeat():
                 conn.send(wire.Heartbeat(ts=time.time_ns()))
-            case wire.Malformed():
-                self.malformed += 1
-            case wire.ExecReport():
+            case wire.StatusRequest():
+                conn.send(self.status(message.cl_ord_ids))
+            case _:
                 self.malformed += 1
 
-    def _later(self, fn: object, *args: object) -> None:
-        assert callable(fn)
+    def status(self, cl_ord_ids: list[str]) -> wire.Status:
+        """Where the asked-about orders stand, which of them were never received, and positions."""
+        known, unknown = [], []
+        for cl_ord_id in cl_ord_ids:
+            w = self._working.get(cl_ord_id)
+            if w is None:
+                unknown.append(cl_ord_id)
+                continue
+            o = w.order
+            known.append(wire.OrderStatus(o.cl_ord_id, o.symbol, o.side, o.qty, o.price, w.status, w.cum_qty, o.price))
+        return wire.Status(orders=known, unknown=unknown, positions=dict(self.positions), ts=time.time_ns())
+
+    def _later(self, fn: Callable[..., None], *args: object) -> None:
         if self.config.latency_us:
             asyncio.get_running_loop().call_later(self.config.latency_us / 1e6, fn, *args)
         else:
@@ -157,11 +171,12 @@ class BrokerSimulator:
         if order.cl_ord_id in self._working:
             conn.send(self._report(order, wire.ExecStatus.REJECTED, 0, 0, "duplicate cl_ord_id"))
             return
-        if self._rng.random() < self.config.reject_rate:
-            conn.send(self._report(order, wire.ExecStatus.REJECTED, 0, 0, "simulated reject"))
-            return
         working = _Working(order)
         self._working[order.cl_ord_id] = working
+        if self._rng.random() < self.config.reject_rate:
+            working.status = wire.ExecStatus.REJECTED
+            conn.send(self._report(order, wire.ExecStatus.REJECTED, 0, 0, "simulated reject"))
+            return
         conn.send(self._report(order, wire.ExecStatus.NEW, 0, 0))
         parts = max(1, min(self.config.partial_fills, order.qty))
         base, extra = divmod(order.qty, parts)
@@ -169,12 +184,14 @@ class BrokerSimulator:
             qty = base + (1 if i < extra else 0)
             working.cum_qty += qty
             done = working.cum_qty == order.qty
-            status = wire.ExecStatus.FILLED if done else wire.ExecStatus.PARTIALLY_FILLED
-            conn.send(self._report(order, status, qty, working.cum_qty))
+            working.status = wire.ExecStatus.FILLED if done else wire.ExecStatus.PARTIALLY_FILLED
+            signed = qty if order.side is wire.Side.BUY else -qty
+            self.positions[order.symbol] = self.positions.get(order.symbol, 0) + signed
+            conn.send(self._report(order, working.status, qty, working.cum_qty))
 
     def _on_cancel(self, conn: _SimProtocol, cancel: wire.Cancel) -> None:
         working = self._working.get(cancel.orig_cl_ord_id)
-        if working is None or working.cum_qty >= working.order.qty:
+        if working is None or working.status not in (wire.ExecStatus.NEW, wire.ExecStatus.PARTIALLY_FILLED):
             return
+        working.status = wire.ExecStatus.CANCELED
         conn.send(self._report(working.order, wire.ExecStatus.CANCELED, 0, working.cum_qty, "canceled"))
-        working.cum_qty = working.order.qty

@@ -15,9 +15,11 @@ from wsgiref.simple_server import WSGIServer
 
 import structlog
 
+from broker import protocol as wire
 from broker.client import GatewayClient
-from broker.journal import Journal
+from broker.journal import Journal, recover_journal
 from broker.reconnect import Backoff
+from daemon.admin import AdminServer
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config, EngineConfig
 from daemon.errors import ConfigError
@@ -61,6 +63,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._journal: Journal | None = None
+        self.admin: AdminServer | None = None
 
     async def start(self, status: Callable[[str], None] = lambda _: None) -> None:
         cfg = self.config
@@ -97,22 +100,53 @@ class Daemon:
                     window=m.window,
                     features=list(m.feature_names),
                 )
-        self._journal = Journal(Path(cfg.journal.path), cfg.journal.fsync)
+        status("replaying journal")
+        journal_path = Path(cfg.journal.path)
+        records, torn = await asyncio.to_thread(recover_journal, journal_path)
+        if torn:
+            log.warning("journal_torn_tail", path=str(journal_path), bytes_cut=torn)
+        self._journal = Journal(journal_path, cfg.journal.fsync)
         self.runtime = runtime = Runtime(cfg, self.engine, self.clock, self._journal, self.stats)
+        desk = runtime.desk
+        desk.restore(records)
+        desk.begin_session()
+        log.info(
+            "journal_replayed",
+            path=str(journal_path),
+            records=len(records),
+            session=desk.session,
+            orders=len(desk.book.orders),
+            parked=len(desk.reviews),
+            halted=desk.halts.halted_symbols(),
+            market=str(desk.halts.market),
+            kill=desk.kill,
+        )
 
         status("connecting broker")
         b = cfg.broker
+        reconciled = asyncio.Event()
+
+        def on_status(message: wire.Status) -> None:
+            desk.reconcile(message)
+            reconciled.set()
+
         self.gateway = GatewayClient(
             b.host,
             b.port,
-            on_report=runtime.on_report,
-            on_event=runtime.on_broker_event,
+            on_report=desk.on_report,
+            on_event=desk.on_broker_event,
+            on_status=on_status,
             backoff=Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000),
             max_frame_bytes=b.max_frame_bytes,
         )
-        runtime.gateway = self.gateway
+        desk.gateway = self.gateway
         self._tasks.append(asyncio.create_task(self.gateway.run(), name="broker"))
-        await self.gateway.connected_event.wait()
+        status("reconciling with the broker")
+        await reconciled.wait()
+
+        self.admin = AdminServer(desk, runtime, cfg.admin)
+        await self.admin.start()
+        self._tasks.append(asyncio.create_task(self._expire_reviews(), name="review-expiry"))
 
         if cfg.metrics.enabled:
             self._serve_metrics()
@@ -136,6 +170,13 @@ class Daemon:
             metrics_port=self.metrics_port,
         )
         status("running")
+
+    async def _expire_reviews(self) -> None:
+        desk = self.runtime.desk if self.runtime else None
+        while desk is not None and not self._stop.is_set():
+            desk.expire_reviews()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=1.0)
 
     def _serve_metrics(self) -> None:
         from prometheus_client import CollectorRegistry, start_http_server  # noqa: PLC0415
@@ -168,9 +209,12 @@ class Daemon:
                     waiting=len(runtime.batcher),
                     detail="gave up on waiting batches",
                 )
-            open_orders = sum(1 for o in runtime.book.orders.values() if o.signed_open_qty)
+            open_orders = len(runtime.book.working)
             if open_orders:
                 log.warning("shutdown_open_orders", count=open_orders)
+        self._stop.set()
+        if self.admin is not None:
+            await self.admin.close()
         if self.gateway is not None:
             self.gateway.stop()
         for task in self._tasks:

@@ -67,9 +67,39 @@ class SignalConfig(_Section, frozen=True):
     allow_short: bool = True
 
 
+class SymbolRiskConfig(_Section, frozen=True):
+    """Per-symbol overrides of the order limits (every key optional)."""
+
+    max_order_qty: PositiveInt | None = None
+    max_order_notional: PositiveFloat | None = None
+    max_position: PositiveInt | None = None
+    collar_pct: PositiveFloat | None = None
+
+
+class HaltConfig(_Section, frozen=True):
+    move_pct: PositiveFloat = 5.0
+    benchmark: Symbol | None = None
+    market_share: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    cooloff_s: PositiveFloat | None = None
+    cancel_open_orders: bool = True
+
+
 class RiskConfig(_Section, frozen=True):
     max_order_qty: PositiveInt = 100_000
     max_order_notional: PositiveFloat = 5_000_000.0
+    max_position: PositiveInt = 1_000_000
+    collar_pct: PositiveFloat = 5.0
+    max_gross_exposure: PositiveFloat = 50_000_000.0
+    max_signal_age_s: PositiveFloat = 90.0
+    max_price_age_s: PositiveFloat = 180.0
+    throttle_orders: PositiveInt = 100
+    throttle_window_ms: PositiveInt = 1000
+    duplicate_window_ms: Annotated[int, msgspec.Meta(ge=0)] = 5000
+    review_threshold: PositiveFloat = 1_000_000.0
+    review_ttl_s: PositiveFloat = 300.0
+    clock: Literal["wall", "feed"] = "wall"
+    halt: HaltConfig = HaltConfig()
+    symbols: dict[Symbol, SymbolRiskConfig] = {}
 
 
 class BrokerConfig(_Section, frozen=True):
@@ -149,6 +179,12 @@ def _check(config: Config, file: str) -> None:
         part = getattr(config, section)
         if part.reconnect_initial_ms > part.reconnect_max_ms:
             raise ConfigError(file, f"{section}.reconnect_initial_ms", "must not exceed reconnect_max_ms")
+    unknown = sorted(set(config.risk.symbols) - set(symbols))
+    if unknown:
+        raise ConfigError(file, f"risk.symbols.{unknown[0]}", "not in universe.symbols")
+    bench = config.risk.halt.benchmark
+    if bench is not None and bench not in symbols:
+        raise ConfigError(file, "risk.halt.benchmark", f"{bench!r} is not in universe.symbols")
     buckets = config.engine.primary.batch_buckets
     if buckets is not None and list(buckets) != sorted(set(buckets)):
         raise ConfigError(file, "engine.primary.batch_buckets", f"must be strictly increasing: {list(buckets)}")

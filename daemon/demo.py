@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -22,11 +23,13 @@ import orjson
 from broker.orders import FINAL, OrderState
 from daemon.app import Daemon
 from daemon.config import (
+    AdminConfig,
     BrokerConfig,
     Config,
     FeedConfig,
     JournalConfig,
     MetricsConfig,
+    RiskConfig,
     UniverseConfig,
 )
 from daemon.feed.replay import load_csv, symbols_of
@@ -46,6 +49,7 @@ class DemoOptions:
     symbols: int = 32
     data: Path | None = None
     seed: int = 1
+    review_threshold: float = 1_000_000.0
     timeout_s: float = 300.0
     workdir: Path | None = None
 
@@ -123,6 +127,9 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
                 broker=BrokerConfig(port=broker_port),
                 metrics=MetricsConfig(port=0),
                 journal=JournalConfig(path=str(work / "journal.msgpack"), fsync="none"),
+                admin=AdminConfig(socket=str(work / "admin.sock"), operators=(os.getuid(),)),
+                # Replayed history: ages are measured on the feed's clock, not today's.
+                risk=RiskConfig(clock="feed", review_threshold=options.review_threshold),
             )
             daemon = Daemon(config, config_file="(demo defaults)")
             started = time.perf_counter()

@@ -20,21 +20,19 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from broker import protocol as wire
-from broker.client import GatewayClient
 from broker.errors import FrameError
 from broker.journal import Journal
-from broker.orders import Order, OrderBook, OrderState
+from broker.orders import OrderBook
 from daemon.batcher import Batch, Batcher
 from daemon.clock import Clock
 from daemon.config import Config
+from daemon.desk import OrderDesk
 from daemon.feed.ingest import FeedProtocol
 from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, Rejected, RejectReason, UnknownType
-from daemon.policy import CLASS_NAMES, HOLD, SignalPolicy, classify
+from daemon.policy import CLASS_NAMES, HOLD, classify
 from daemon.stats import Stats
 from daemon.windows import FeatureWindows
 from engines.base import Engine
-from risk.gates import Limits, OrderCheck, check_order
 
 log = structlog.get_logger("tradingd.runtime")
 
@@ -70,10 +68,7 @@ class Runtime:
         self.windows = FeatureWindows(self.symbols, manifest.window, manifest.features)
         max_batch = min(config.batch.max_batch, engine.buckets[-1])
         self.batcher = Batcher(len(self.symbols), max_batch, config.batch.max_delay_us * 1000)
-        self.policy = SignalPolicy(config.signal)
-        self.limits = Limits(config.risk.max_order_qty, config.risk.max_order_notional)
-        self.book = OrderBook()
-        self.gateway: GatewayClient | None = None
+        self.desk = OrderDesk(config, self.windows, clock, journal, self.stats)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tradingd-infer")
         self._inflight: _InFlight | None = None
         self._drain = False  # a minute_end asked for everything waiting to go now
@@ -81,8 +76,6 @@ class Runtime:
         self._feed: FeedProtocol | None = None
         self._feed_paused = False
         self._last_seq: int | None = None
-        self._order_seq = 0
-        self._id_prefix = f"T{clock.wall_ns() // 1_000_000_000:x}"
         self.idle_event = asyncio.Event()
         self.idle_event.set()
 
@@ -121,6 +114,7 @@ class Runtime:
             )
             return
         s.bars_accepted += 1
+        self.desk.on_bar(bar.symbol, bar.ts, bar.open, bar.close, bar.prev_close)
         if not self.windows.full(i):
             s.bars_warmup += 1
             return
@@ -234,7 +228,6 @@ class Runtime:
             logits, elapsed_ns = future.result()
             s.infer.record(elapsed_ns)
             self._act(batch, logits[:n])
-            self.journal.sync()
         self._flush()
         self._backpressure()
 
@@ -266,6 +259,14 @@ class Runtime:
 
     # -- signals to orders ----------------------------------------------------------------
 
+    @property
+    def feed_connected(self) -> bool:
+        return self._feed is not None
+
+    @property
+    def book(self) -> OrderBook:
+        return self.desk.book
+
     def _act(self, batch: Batch, logits: npt.NDArray[np.float32]) -> None:
         s = self.stats
         if not np.isfinite(logits).all():
@@ -276,103 +277,9 @@ class Runtime:
         counts = np.bincount(cls, minlength=3)
         for k, name in enumerate(CLASS_NAMES):
             s.signals[name] += int(counts[k])
-        threshold = self.config.signal.confidence_threshold
-        for row in np.flatnonzero((cls != HOLD) & (conf >= threshold)):
-            self._order(batch, int(row), int(cls[row]), float(conf[row]))
-
-    def _order(self, batch: Batch, row: int, cls: int, confidence: float) -> None:
-        s = self.stats
-        symbol = self.symbols[int(batch.symbols[row])]
-        close = batch.close[row]
-        intent = self.policy.intent(cls, confidence, close, self.book.exposure(symbol))
-        if intent is None:
-            return
-        s.intents += 1
-        self._order_seq += 1
-        cl_ord_id = f"{self._id_prefix}-{self._order_seq}"
-        wall = self.clock.wall_ns()
-        journal = self.journal
-        fields = {
-            "id": cl_ord_id,
-            "symbol": symbol,
-            "side": str(intent.side),
-            "qty": intent.qty,
-            "price": intent.price,
-            "signal": CLASS_NAMES[cls],
-            "confidence": round(confidence, 4),
-        }
-        journal.append("intent", wall, ts_event=batch.ts_event[row], **fields)
-        denial = check_order(OrderCheck(symbol, str(intent.side), intent.qty, intent.price), self.limits)
-        reason, detail = (str(denial.reason), denial.detail) if denial else (None, "")
-        gateway = self.gateway
-        if reason is None and (gateway is None or not gateway.connected):
-            reason, detail = "broker_disconnected", "no connection to the broker gateway"
-        if reason is not None:
-            s.orders_denied[reason] += 1
-            journal.append("denied", wall, id=cl_ord_id, reason=reason, detail=detail)
-            log.info("order_denied", reason=reason, detail=detail, **fields)
-            return
-        assert gateway is not None
-        ts_recv = batch.ts_recv[row]
-        order = Order(cl_ord_id, symbol, intent.side, intent.qty, intent.price, batch.ts_event[row], ts_recv)
-        self.book.add(order)
-        journal.append("send", wall, id=cl_ord_id)
-        gateway.send(wire.NewOrder(cl_ord_id, symbol, intent.side, intent.qty, intent.price, wall))
-        ts_send = self.clock.mono_ns()
-        self.book.mark_sent(order, ts_send)
-        s.orders_sent += 1
-        s.tick_to_order.record(ts_send - ts_recv)
-        log.info("order_sent", tick_to_order_us=(ts_send - ts_recv) // 1000, **fields)
-
-    # -- broker ---------------------------------------------------------------------------
-
-    def on_report(self, report: wire.ExecReport) -> None:
-        s = self.stats
-        problem = self.book.apply(report)
-        if problem is not None:
-            s.reports_ignored[problem] += 1
-            log.warning(
-                "exec_report_ignored",
-                id=report.cl_ord_id,
-                status=str(report.status),
-                problem=problem,
-            )
-            return
-        self.journal.append(
-            "report",
-            self.clock.wall_ns(),
-            id=report.cl_ord_id,
-            exec_id=report.exec_id,
-            status=str(report.status),
-            last_qty=report.last_qty,
-            last_px=report.last_px,
-            text=report.text,
-        )
-        if report.last_qty:
-            s.fills += 1
-            log.info(
-                "fill",
-                id=report.cl_ord_id,
-                symbol=report.symbol,
-                qty=report.last_qty,
-                px=report.last_px,
-                position=self.book.positions.get(report.symbol, 0),
-            )
-        state = self.book.orders[report.cl_ord_id].state
-        if state is OrderState.FILLED:
-            s.orders_filled += 1
-        elif state is OrderState.REJECTED:
-            s.orders_rejected += 1
-            log.warning("order_rejected", id=report.cl_ord_id, reason=report.text)
-        elif state is OrderState.CANCELED:
-            s.orders_canceled += 1
-
-    def on_broker_event(self, kind: str, detail: str) -> None:
-        if kind == "connected":
-            self.stats.broker_connects += 1
-        elif kind == "disconnected":
-            self.stats.broker_disconnects += 1
-        log.info("broker_" + kind, detail=detail)
+        rows = np.flatnonzero((cls != HOLD) & (conf >= self.config.signal.confidence_threshold))
+        if len(rows):
+            self.desk.on_signals(batch, rows.tolist(), cls.tolist(), conf.tolist())
 
     def close(self) -> None:
         if self._timer is not None:

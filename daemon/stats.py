@@ -105,6 +105,14 @@ class Stats:
     fills: int = 0
     reports_ignored: Counter[str] = field(default_factory=Counter)
     broker_connects: int = 0
+    reconcile_differences: int = 0
+    halts: int = 0
+    kills: int = 0
+    cancels_sent: int = 0
+    reviews_parked: int = 0
+    reviews_approved: int = 0
+    reviews_rejected: int = 0
+    reviews_expired: int = 0
     broker_disconnects: int = 0
     tick_to_order: LatencyRecorder = field(default_factory=LatencyRecorder)
     infer: LatencyRecorder = field(default_factory=LatencyRecorder)

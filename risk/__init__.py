@@ -1,5 +1,17 @@
-"""Pre-trade risk: pure gates over frozen values. Nothing here does I/O or imports the daemon."""
+"""Pre-trade risk: pure gates over frozen values, trading states, the halt rule and the review
+queue. Nothing here does I/O or imports the daemon."""
 
-from risk.gates import Denial, DenyReason, Limits, OrderCheck, check_order
+from risk.gates import Denial, DenyReason, Limits, OrderCheck, RiskView, SymbolLimits, check_order, needs_review
+from risk.states import TradingState
 
-__all__ = ["Denial", "DenyReason", "Limits", "OrderCheck", "check_order"]
+__all__ = [
+    "Denial",
+    "DenyReason",
+    "Limits",
+    "OrderCheck",
+    "RiskView",
+    "SymbolLimits",
+    "TradingState",
+    "check_order",
+    "needs_review",
+]

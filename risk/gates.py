@@ -76,7 +76,8 @@ class Limits:
 class RiskView:
     """What the gates may know of the world at the moment of a check."""
 
-    now_ns: int  # wall clock, ns
+    now_ns: int  # the risk clock (wall time live, feed time in a replay), ns: ages are measured on it
+    wall_ns: int = 0  # wall clock, ns: order rates are measured on it
     kill: bool = False
     market: TradingState = TradingState.ACTIVE
     symbol_state: TradingState = TradingState.ACTIVE
@@ -143,31 +144,36 @@ def size_limits(order: OrderCheck, limits: Limits, view: RiskView) -> Denial | N
     lim = limits.for_symbol(order.symbol)
     ref = view.ref_price or order.price
     if abs(order.price / ref - 1.0) * 100.0 > lim.collar_pct:
-        return Denial(DenyReason.PRICE_COLLAR, f"{order.symbol}: limit {order.price} is over {lim.collar_pct}% from {ref}")
+        return Denial(
+            DenyReason.PRICE_COLLAR, f"{order.symbol}: limit {order.price} is over {lim.collar_pct}% from {ref}"
+        )
     if order.qty > lim.max_order_qty:
         return Denial(DenyReason.MAX_QUANTITY, f"{order.symbol}: qty {order.qty} > {lim.max_order_qty}")
     notional = order.qty * ref
     if notional > lim.max_order_notional:
-        return Denial(DenyReason.MAX_NOTIONAL, f"{order.symbol}: notional {notional:.2f} > {lim.max_order_notional:.2f}")
+        return Denial(
+            DenyReason.MAX_NOTIONAL, f"{order.symbol}: notional {notional:.2f} > {lim.max_order_notional:.2f}"
+        )
     after = view.position + order.side * order.qty
     if abs(after) > lim.max_position and abs(after) > abs(view.position):
         return Denial(DenyReason.MAX_POSITION, f"{order.symbol}: position would be {after}, limit {lim.max_position}")
     gross_after = view.gross_exposure + (abs(after) - abs(view.position)) * ref
     if gross_after > limits.max_gross_exposure and abs(after) > abs(view.position):
         return Denial(
-            DenyReason.MAX_GROSS_EXPOSURE, f"gross exposure would be {gross_after:.0f} > {limits.max_gross_exposure:.0f}"
+            DenyReason.MAX_GROSS_EXPOSURE,
+            f"gross exposure would be {gross_after:.0f} > {limits.max_gross_exposure:.0f}",
         )
     return None
 
 
 def rate_limits(order: OrderCheck, limits: Limits, view: RiskView) -> Denial | None:
-    window_start = view.now_ns - limits.throttle_window_ns
+    window_start = view.wall_ns - limits.throttle_window_ns
     recent = sum(1 for ts in view.recent_order_ts if ts > window_start)
     if recent >= limits.throttle_orders:
         return Denial(DenyReason.THROTTLE, f"{recent} orders in the last {limits.throttle_window_ns / 1e9:g} s")
     last = view.last_same_order_ts
-    if last is not None and view.now_ns - last < limits.duplicate_window_ns:
-        return Denial(DenyReason.DUPLICATE, f"{order.symbol}: same order sent {(view.now_ns - last) / 1e9:.2f} s ago")
+    if last is not None and view.wall_ns - last < limits.duplicate_window_ns:
+        return Denial(DenyReason.DUPLICATE, f"{order.symbol}: same order sent {(view.wall_ns - last) / 1e9:.2f} s ago")
     return None
 
 

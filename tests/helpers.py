@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,14 @@ import msgpack
 from broker.sim import BrokerSimulator, SimConfig
 from daemon.app import Daemon
 from daemon.config import (
+    AdminConfig,
     BatchConfig,
     BrokerConfig,
     Config,
     FeedConfig,
     JournalConfig,
     MetricsConfig,
+    RiskConfig,
     UniverseConfig,
 )
 
@@ -97,6 +100,8 @@ def rig_config(tmp: Path, feed_port: int, broker_port: int, symbols: tuple[str, 
         "broker": BrokerConfig(port=broker_port, reconnect_initial_ms=10, reconnect_max_ms=50),
         "metrics": MetricsConfig(enabled=False),
         "journal": JournalConfig(path=str(tmp / "journal.msgpack"), fsync="none"),
+        "admin": AdminConfig(socket=str(tmp / "admin.sock"), operators=(os.getuid(),)),
+        "risk": RiskConfig(clock="feed"),
     }
     base.update(sections)
     return Config(**base)  # type: ignore[arg-type]

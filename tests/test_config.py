@@ -47,7 +47,9 @@ def test_example_config_loads_and_shows_every_key() -> None:
     documented = _keys(tomllib.loads(EXAMPLE.read_text())) | {
         "engine.primary.sha256",
         "engine.primary.batch_buckets",
-        "engine.standby",  # shown commented out
+        "engine.standby",
+        "risk.halt.benchmark",
+        "risk.halt.cooloff_s",  # shown commented out
     }
     missing = _fields(Config) - documented
     assert not missing, f"deploy/tradingd.example.toml does not document {sorted(missing)}"

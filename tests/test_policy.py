@@ -1,4 +1,4 @@
-"""Signal policy and the first risk gates: pure functions, denials as values."""
+"""Signal policy: class and confidence to a target position and an order intent."""
 
 from __future__ import annotations
 
@@ -6,15 +6,10 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from broker.protocol import Side
 from daemon.config import SignalConfig
 from daemon.policy import BUY, HOLD, SELL, SignalPolicy, classify
-from risk.gates import DenyReason, Limits, OrderCheck, check_order
-
-LIMITS = Limits(max_order_qty=1000, max_order_notional=50_000.0)
 
 
 def test_classify_returns_argmax_and_its_softmax_probability() -> None:
@@ -51,20 +46,3 @@ def test_intent_when_short_not_allowed_sells_only_to_flat() -> None:
     assert policy.intent(SELL, 0.9, 100.0, 0) is None
     intent = policy.intent(SELL, 0.9, 100.0, 7)
     assert intent is not None and intent.qty == 7 and intent.target == 0
-
-
-@given(qty=st.integers(1, 10_000), price=st.floats(0.01, 10_000))
-def test_check_order_denies_exactly_the_orders_over_a_limit(qty: int, price: float) -> None:
-    denial = check_order(OrderCheck("A", "buy", qty, price), LIMITS)
-    if qty > LIMITS.max_order_qty:
-        assert denial is not None and denial.reason is DenyReason.MAX_QUANTITY
-    elif qty * price > LIMITS.max_order_notional:
-        assert denial is not None and denial.reason is DenyReason.MAX_NOTIONAL
-    else:
-        assert denial is None
-
-
-@pytest.mark.parametrize("price", [math.nan, 0.0, -1.0, math.inf])
-def test_check_order_fails_closed_when_price_is_unusable(price: float) -> None:
-    denial = check_order(OrderCheck("A", "buy", 1, price), LIMITS)
-    assert denial is not None and denial.reason is DenyReason.NO_PRICE

@@ -1,0 +1,127 @@
+"""The halt rule: a move of ``move_pct`` or more from the reference latches a halt.
+
+The reference is the feed's previous session close, else the session's first open (a session is
+a UTC calendar day of bar closes). A halted symbol stays halted until an operator lifts it, or
+until ``cooloff_ns`` of feed time has passed, if a cool-off is configured. The benchmark symbol
+halting, or ``market_share`` of the universe halting, halts the whole market. ``moved_too_far``
+is the pure rule; ``HaltBook`` keeps the latches and says what changed, as events to journal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from risk.errors import UnknownSymbolError
+from risk.states import TradingState
+
+NS_PER_DAY = 86_400_000_000_000
+
+
+def moved_too_far(close: float, reference: float, move_pct: float) -> bool:
+    """True when ``close`` is ``move_pct`` percent or more away from ``reference``."""
+    return abs(close / reference - 1.0) * 100.0 >= move_pct - 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class HaltRule:
+    move_pct: float = 5.0
+    benchmark: str | None = None
+    market_share: float = 1.0  # share of the universe halted that halts the market (>1: never)
+    cooloff_ns: int | None = None  # feed time after which a halt lifts by itself; None: operator only
+
+
+@dataclass(frozen=True, slots=True)
+class HaltEvent:
+    action: str  # "halt" or "lift"
+    symbol: str | None  # None: the whole market
+    ts: int
+    reason: str
+    close: float | None = None
+    reference: float | None = None
+
+
+class HaltBook:
+    def __init__(self, rule: HaltRule, symbols: tuple[str, ...]) -> None:
+        self.rule = rule
+        self.symbols = symbols
+        self.state: dict[str, TradingState] = dict.fromkeys(symbols, TradingState.ACTIVE)
+        self.market = TradingState.ACTIVE
+        self.halted_at: dict[str | None, int] = {}
+        self._session: dict[str, int] = {}
+        self._first_open: dict[str, float] = {}
+        self._halted = 0
+
+    def halted_symbols(self) -> list[str]:
+        return [s for s, st in self.state.items() if st is TradingState.HALTED]
+
+    def reference(self, symbol: str, prev_close: float | None) -> float | None:
+        return prev_close if prev_close is not None else self._first_open.get(symbol)
+
+    def on_bar(self, symbol: str, ts: int, open_: float, close: float, prev_close: float | None) -> list[HaltEvent]:
+        """Apply the rule to one accepted bar; returns the halts and lifts it caused."""
+        events: list[HaltEvent] = []
+        day = ts // NS_PER_DAY
+        if self._session.get(symbol) != day:
+            self._session[symbol] = day
+            self._first_open[symbol] = open_
+        cooloff = self.rule.cooloff_ns
+        if cooloff is not None:
+            for key in (symbol, None):
+                since = self.halted_at.get(key)
+                if since is not None and ts - since >= cooloff:
+                    events.append(self._lift(key, ts, "cool-off"))
+        reference = self.reference(symbol, prev_close)
+        if (
+            reference is not None
+            and self.state[symbol] is not TradingState.HALTED
+            and moved_too_far(close, reference, self.rule.move_pct)
+        ):
+            move = (close / reference - 1.0) * 100.0
+            events.append(self._halt(symbol, ts, f"moved {move:+.2f}% from {reference}", close, reference))
+            if self.market is not TradingState.HALTED:
+                if symbol == self.rule.benchmark:
+                    events.append(self._halt(None, ts, f"benchmark {symbol} halted"))
+                elif self._halted >= self.rule.market_share * len(self.symbols):
+                    events.append(self._halt(None, ts, f"{self._halted} of {len(self.symbols)} symbols halted"))
+        return events
+
+    def halt(self, symbol: str | None, ts: int, reason: str) -> HaltEvent | None:
+        """An operator's halt; None when it was already halted."""
+        if symbol is not None and symbol not in self.state:
+            raise UnknownSymbolError(symbol)
+        current = self.market if symbol is None else self.state[symbol]
+        return None if current is TradingState.HALTED else self._halt(symbol, ts, reason)
+
+    def resume(self, symbol: str | None, ts: int, reason: str) -> HaltEvent | None:
+        """An operator's lift; None when it was not halted."""
+        if symbol is not None and symbol not in self.state:
+            raise UnknownSymbolError(symbol)
+        current = self.market if symbol is None else self.state[symbol]
+        return None if current is not TradingState.HALTED else self._lift(symbol, ts, reason)
+
+    def restore(self, event: HaltEvent) -> None:
+        """Re-apply a journaled event at start-up."""
+        if event.action == "halt":
+            self.halt(event.symbol, event.ts, event.reason)
+        else:
+            self.resume(event.symbol, event.ts, event.reason)
+
+    def _halt(
+        self, symbol: str | None, ts: int, reason: str, close: float | None = None, ref: float | None = None
+    ) -> HaltEvent:
+        if symbol is None:
+            self.market = TradingState.HALTED
+        else:
+            self.state[symbol] = TradingState.HALTED
+            self._halted += 1
+        self.halted_at[symbol] = ts
+        return HaltEvent("halt", symbol, ts, reason, close, ref)
+
+    def _lift(self, symbol: str | None, ts: int, reason: str) -> HaltEvent:
+        if symbol is None:
+            self.market = TradingState.ACTIVE
+        else:
+            self.state[symbol] = TradingState.ACTIVE
+            self._halted -= 1
+        self.halted_at.pop(symbol, None)
+        return HaltEvent("lift", symbol, ts, reason)
