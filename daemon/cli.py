@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import orjson
 import structlog
 import uvloop
 
@@ -84,7 +85,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import DemoError, DemoOptions, dumps, render_text, run_demo  # noqa: PLC0415
 
     configure_logging("warning")
-    options = DemoOptions(minutes=args.minutes, symbols=args.symbols, data=args.data, seed=args.seed)
+    options = DemoOptions(
+        minutes=args.minutes,
+        symbols=args.symbols,
+        data=args.data,
+        seed=args.seed,
+        review_threshold=args.review_threshold,
+    )
     try:
         summary = _run_async(run_demo(options))
     except DemoError as exc:
@@ -177,6 +184,46 @@ def cmd_model_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace, message: dict[str, object]) -> int:
+    from daemon.admin import request  # noqa: PLC0415
+    from daemon.config import AdminConfig, load_config  # noqa: PLC0415
+
+    path = args.socket or (load_config(Path(args.config)).admin.socket if args.config else AdminConfig().socket)
+    try:
+        reply = request(path, message)
+    except OSError as exc:
+        print(f"tradingd: cannot reach the daemon's admin socket {path}: {exc}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"tradingd: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(reply.get("result"), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return _admin(args, {"cmd": "status"})
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    match args.action:
+        case "list":
+            return _admin(args, {"cmd": "review_list"})
+        case "approve":
+            return _admin(args, {"cmd": "review_approve", "id": args.id})
+        case _:
+            return _admin(args, {"cmd": "review_reject", "id": args.id, "reason": args.reason})
+
+
+def cmd_halt(args: argparse.Namespace) -> int:
+    target = {"all": True} if args.all else {"symbol": args.symbol}
+    return _admin(args, {"cmd": args.command, **target})
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    return _admin(args, {"cmd": "kill"})
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -193,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symbols", type=int, default=32)
     p.add_argument("--data", type=Path, help="replay this CSV instead of synthetic bars")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--review-threshold", type=float, default=1_000_000.0, help="park orders of this notional or more")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=cmd_demo)
 
@@ -220,6 +268,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_broker_sim)
 
+    admin = argparse.ArgumentParser(add_help=False)
+    where = admin.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="the daemon's admin socket")
+    where.add_argument("--config", help="read the admin socket's path from this configuration")
+
+    p = sub.add_parser("status", parents=[admin], help="the running daemon's state")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("review", parents=[admin], help="orders waiting for manual review")
+    p.add_argument("action", choices=["list", "approve", "reject"])
+    p.add_argument("id", nargs="?", help="the parked order's id (approve, reject)")
+    p.add_argument("--reason", default="rejected by operator")
+    p.set_defaults(func=cmd_review)
+    for name, text in (
+        ("halt", "halt a symbol, or the market"),
+        ("resume", "lift a halt (and, with --all, the kill switch)"),
+    ):
+        p = sub.add_parser(name, parents=[admin], help=text)
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("symbol", nargs="?")
+        target.add_argument("--all", action="store_true", help="the whole market")
+        p.set_defaults(func=cmd_halt)
+    p = sub.add_parser("kill", parents=[admin], help="halt everything and cancel every working order")
+    p.set_defaults(func=cmd_kill)
+
     model = sub.add_parser("model", help="signal model tools (need the export extra)")
     msub = model.add_subparsers(dest="model_command", required=True)
     p = msub.add_parser("export", help="export a signal checkpoint to ONNX with its manifest")
@@ -244,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is cmd_review and args.action != "list" and not args.id:
+        parser.error(f"review {args.action} needs the parked order's id")
     try:
         return int(args.func(args))
     except ConfigError as exc:

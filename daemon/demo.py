@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from broker.orders import FINAL, OrderState
+from broker.orders import FINAL
 from daemon.app import Daemon
 from daemon.config import (
     AdminConfig,
@@ -176,11 +176,10 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
 def _summary(
     runtime: Runtime, s: Stats, engine: Engine, total_bars: int, total_minutes: int, replay_s: float, broker_log: Path
 ) -> dict[str, Any]:
-    states = runtime.book.count_by_state()
     rejected = dict(sorted(s.bars_rejected.items()))
     denied = dict(sorted(s.orders_denied.items()))
     broker_received = sum(1 for _ in broker_log.open()) if broker_log.exists() else 0
-    open_orders = sum(n for state, n in states.items() if OrderState(state) not in FINAL)
+    open_orders = len(runtime.book.working)
     return {
         "bars": {
             "sent_by_feed": total_bars,
@@ -208,8 +207,15 @@ def _summary(
             "rejected_by_broker": s.orders_rejected,
             "open": open_orders,
             "received_by_broker": broker_received,
-            "balanced": s.orders_sent + sum(denied.values()) == s.intents,
+            "parked": s.reviews_parked,
+            "approved": s.reviews_approved,
+            "rejected": s.reviews_rejected,
+            "expired": s.reviews_expired,
+            "waiting_review": len(runtime.desk.reviews),
+            # Every intent ends sent, denied, or parked (and a parked one approved, rejected or expired).
+            "balanced": s.orders_sent + sum(denied.values()) + s.reviews_parked == s.intents + s.reviews_approved,
         },
+        "halts": sorted({e.symbol or "(market)" for e in runtime.desk.halt_log if e.action == "halt"}),
         "engine": {
             "name": engine.manifest.name,
             "version": engine.manifest.version,
@@ -243,8 +249,9 @@ def render_text(summary: dict[str, Any]) -> str:
         f"signals        buy {sig['buy']}  hold {sig['hold']}  sell {sig['sell']}",
         f"orders         intents {o['intents']}  sent {o['sent']}"
         f"  denied {sum(o['denied'].values())} {o['denied'] or ''}"
-        f"  filled {o['filled']}  broker received {o['received_by_broker']}"
+        f"  parked {o['parked']}  filled {o['filled']}  broker received {o['received_by_broker']}"
         f"  -> {'balanced' if o['balanced'] else 'NOT BALANCED'}",
+        f"halts          {', '.join(summary['halts']) or 'none'}",
         lat_line("tick_to_order"),
         lat_line("infer"),
         f"replay         {summary['replay_seconds']} s",

@@ -315,6 +315,8 @@ class OrderDesk:
         denial = check_order(check, self.limits, view)
         reason, detail = (str(denial.reason), denial.detail) if denial else (None, "")
         gateway = self.gateway
+        if reason is None and review and self.reviews.has_symbol(order.symbol):
+            reason, detail = "review_pending", f"{order.symbol} already has an order waiting for review"
         if reason is None and (gateway is None or not gateway.connected or not self.reconciled):
             reason, detail = "broker_disconnected", "no reconciled connection to the broker gateway"
         wall = self.clock.wall_ns()

@@ -33,6 +33,9 @@ class ReviewQueue:
     def __contains__(self, order_id: object) -> bool:
         return order_id in self._parked
 
+    def has_symbol(self, symbol: str) -> bool:
+        return any(p.symbol == symbol for p in self._parked.values())
+
     def park(self, order: Parked) -> None:
         self._parked[order.id] = order
 

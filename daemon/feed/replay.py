@@ -19,7 +19,9 @@ import msgpack
 from daemon.feed.protocol import Bar, bar_map, heartbeat_map, minute_end_map
 
 NS_PER_MIN = 60_000_000_000
+NS_PER_DAY = 86_400_000_000_000
 COLUMNS = ("symbol", "ts_utc", "open", "high", "low", "close", "volume")
+DAILY_COLUMNS = ("symbol", "date", "open", "high", "low", "close", "volume")
 
 
 class ReplayError(Exception):
@@ -38,36 +40,58 @@ def _ts_ns(text: str) -> int:
 
 
 def load_csv(path: Path) -> list[Minute]:
-    """Read ``symbol,ts_utc,open,high,low,close,volume`` rows (``ts_utc`` = bar start), by minute."""
-    by_minute: dict[int, list[tuple[str, float, float, float, float, float]]] = {}
+    """Read bars grouped by their close time, with each bar's previous session close.
+
+    Minute files have ``symbol,ts_utc,open,high,low,close,volume`` (``ts_utc`` = bar start; the
+    bar closes a minute later); daily files have ``symbol,date,...`` (the bar closes at 20:00 UTC
+    of its date). ``prev_close`` is the symbol's last close on an earlier UTC date, the reference
+    of the halt rule.
+    """
+    by_close: dict[int, list[tuple[str, float, float, float, float, float]]] = {}
     with path.open(newline="") as f:
         reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or tuple(h.strip() for h in header[:7]) != COLUMNS:
-            raise ReplayError(str(path), 1, f"expected columns {','.join(COLUMNS)}, got {header}")
+        header = tuple(h.strip() for h in (next(reader, None) or ())[:7])
+        if header == COLUMNS:
+            to_ts = _minute_close_ns
+        elif header == DAILY_COLUMNS:
+            to_ts = _daily_close_ns
+        else:
+            raise ReplayError(
+                str(path), 1, f"expected columns {','.join(COLUMNS)} or {','.join(DAILY_COLUMNS)}, got {header}"
+            )
         for line, row in enumerate(reader, start=2):
             try:
-                close_ts = _ts_ns(row[1]) + NS_PER_MIN
-                values = (
-                    row[0],
-                    float(row[2]),
-                    float(row[3]),
-                    float(row[4]),
-                    float(row[5]),
-                    float(row[6]),
-                )
+                close_ts = to_ts(row[1])
+                values = (row[0], float(row[2]), float(row[3]), float(row[4]), float(row[5]), float(row[6]))
             except (ValueError, IndexError) as exc:
                 raise ReplayError(str(path), line, f"bad row {row}: {exc}") from exc
-            by_minute.setdefault(close_ts, []).append(values)
+            by_close.setdefault(close_ts, []).append(values)
     minutes, seq = [], 0
-    for ts in sorted(by_minute):
+    last_close: dict[str, tuple[int, float]] = {}  # symbol -> (day, close)
+    session_ref: dict[str, tuple[int, float | None]] = {}  # symbol -> (day, previous day's last close)
+    for ts in sorted(by_close):
+        day = ts // NS_PER_DAY
         bars = []
-        for symbol, o, h, lo, c, v in sorted(by_minute[ts]):
+        for symbol, o, h, lo, c, v in sorted(by_close[ts]):
+            ref_day, ref = session_ref.get(symbol, (None, None))
+            if ref_day != day:
+                previous = last_close.get(symbol)
+                ref = previous[1] if previous is not None and previous[0] < day else None
+                session_ref[symbol] = (day, ref)
             seq += 1
-            bars.append(Bar(seq, symbol, ts, o, h, lo, c, v))
+            bars.append(Bar(seq, symbol, ts, o, h, lo, c, v, ref))
+            last_close[symbol] = (day, c)
         seq += 1  # the minute_end
         minutes.append(Minute(ts, tuple(bars)))
     return minutes
+
+
+def _minute_close_ns(text: str) -> int:
+    return _ts_ns(text) + NS_PER_MIN
+
+
+def _daily_close_ns(text: str) -> int:
+    return _ts_ns(text + "T20:00:00+00:00")
 
 
 def symbols_of(minutes: list[Minute]) -> tuple[str, ...]:
