@@ -90,6 +90,7 @@ class OrderDesk:
         self._last_same: dict[tuple[str, str, int, float], int] = {}
         self._feed_now = 0
         self._gross = 0.0
+        self._outbox: list[tuple[Order, dict[str, Any]]] = []
         self.halt_log: list[HaltEvent] = []
 
     # -- start-up -------------------------------------------------------------------------
@@ -128,8 +129,8 @@ class OrderDesk:
                             order, wire.ExecStatus(r["status"]), r["last_qty"], r["last_px"], r.get("text", "")
                         )
                     )
-                case "halt" | "lift":
-                    self.halts.restore(HaltEvent(kind, r.get("symbol"), r["ts_event"], r["reason"]))
+                case "halt" | "lift" | "reference":
+                    self.halts.restore(HaltEvent(kind, r.get("symbol"), r["ts_event"], r["reason"], r.get("close")))
                 case "kill":
                     self.kill = bool(r["on"])
         return n
@@ -138,6 +139,13 @@ class OrderDesk:
         wall = self.clock.wall_ns()
         self._id_prefix = f"{wall // NS:x}{self.session}"
         self.journal.append("start", wall, session=self.session)
+        for order in self.book.orders.values():
+            if order.state is OrderState.INTENT:
+                # The process stopped between journaling the intent and deciding on it: the
+                # decision is closed as abandoned, never taken late.
+                self.journal.append("abandoned", wall, id=order.cl_ord_id, detail="stopped before the decision")
+                order.move(OrderState.DENIED)
+                log.warning("intent_abandoned", id=order.cl_ord_id, detail="stopped before the decision")
         self.journal.sync()
 
     def status_request(self) -> wire.StatusRequest:
@@ -199,6 +207,16 @@ class OrderDesk:
                 self._record_halt(event, uid=None)
 
     def _record_halt(self, event: HaltEvent, uid: int | None) -> None:
+        if event.action == "reference":
+            self.journal.append(
+                "reference",
+                self.clock.wall_ns(),
+                symbol=event.symbol,
+                reason=event.reason,
+                ts_event=event.ts,
+                close=event.close,
+            )
+            return
         self.journal.append(
             event.action,
             self.clock.wall_ns(),
@@ -252,7 +270,7 @@ class OrderDesk:
         self._gross = self._gross_exposure()
         for row in rows:
             self._signal(batch, row, cls[row], conf[row])
-        self.journal.sync()
+        self._commit()
 
     def _signal(self, batch: Batch, row: int, cls: int, confidence: float) -> None:
         s = self.stats
@@ -334,19 +352,35 @@ class OrderDesk:
             s.reviews_parked += 1
             log.warning("order_parked", notional=round(check.notional, 2), **fields)
             return
-        assert gateway is not None
         self.journal.append("send", wall, id=order.cl_ord_id)
-        gateway.send(wire.NewOrder(order.cl_ord_id, order.symbol, order.side, order.qty, order.price, wall))
-        ts_send = self.clock.mono_ns()
-        self.book.mark_sent(order, ts_send)
         self._remember_send(order, wall)
         self._gross += (abs(view.position + check.side * check.qty) - abs(view.position)) * (
             view.ref_price or order.price
         )
-        s.orders_sent += 1
-        if order.ts_recv:
-            s.tick_to_order.record(ts_send - order.ts_recv)
-        log.info("order_sent", tick_to_order_us=(ts_send - order.ts_recv) // 1000 if order.ts_recv else None, **fields)
+        self._outbox.append((order, fields))
+
+    def _commit(self) -> None:
+        """Group commit: the batch's records reach the journal file (and the disk, per the fsync
+        policy) before any of its orders leaves, so a crash can lose an order's send but never
+        send an order the journal does not know."""
+        self.journal.sync()
+        if not self._outbox:
+            return
+        gateway = self.gateway
+        assert gateway is not None
+        s = self.stats
+        for order, fields in self._outbox:
+            gateway.send(
+                wire.NewOrder(order.cl_ord_id, order.symbol, order.side, order.qty, order.price, self.clock.wall_ns())
+            )
+            ts_send = self.clock.mono_ns()
+            self.book.mark_sent(order, ts_send)
+            s.orders_sent += 1
+            latency = ts_send - order.ts_recv if order.ts_recv else None
+            if latency is not None:
+                s.tick_to_order.record(latency)
+            log.info("order_sent", tick_to_order_us=latency // 1000 if latency is not None else None, **fields)
+        self._outbox.clear()
 
     def _remember_send(self, order: Order, wall: int) -> None:
         self._recent_sends.append(wall)
@@ -471,7 +505,7 @@ class OrderDesk:
         }
         self._gross = self._gross_exposure()
         self._decide(order, fields, self.risk_now(), self.windows.last_ts[i], review=False)
-        self.journal.sync()
+        self._commit()
         return str(order.state)
 
     def reject(self, order_id: str, uid: int, reason: str) -> None:

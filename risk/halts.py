@@ -32,7 +32,7 @@ class HaltRule:
 
 @dataclass(frozen=True, slots=True)
 class HaltEvent:
-    action: str  # "halt" or "lift"
+    action: str  # "halt", "lift", or "reference" (a session's first open, the reference without prev_close)
     symbol: str | None  # None: the whole market
     ts: int
     reason: str
@@ -64,6 +64,8 @@ class HaltBook:
         if self._session.get(symbol) != day:
             self._session[symbol] = day
             self._first_open[symbol] = open_
+            # Said as an event so it can be journaled: the reference must survive a restart.
+            events.append(HaltEvent("reference", symbol, ts, "session first open", close=open_))
         cooloff = self.rule.cooloff_ns
         if cooloff is not None:
             for key in (symbol, None):
@@ -101,7 +103,11 @@ class HaltBook:
 
     def restore(self, event: HaltEvent) -> None:
         """Re-apply a journaled event at start-up."""
-        if event.action == "halt":
+        if event.action == "reference":
+            assert event.symbol is not None and event.close is not None
+            self._session[event.symbol] = event.ts // NS_PER_DAY
+            self._first_open[event.symbol] = event.close
+        elif event.action == "halt":
             self.halt(event.symbol, event.ts, event.reason)
         else:
             self.resume(event.symbol, event.ts, event.reason)

@@ -15,12 +15,16 @@ from broker.sim import BrokerSimulator, SimConfig
 from daemon.app import Daemon
 from daemon.config import HaltConfig, RiskConfig
 from daemon.feed.replay import ReplayServer, load_csv
-from risk.halts import NS_PER_DAY, HaltBook, HaltRule, moved_too_far
+from risk.halts import NS_PER_DAY, HaltBook, HaltEvent, HaltRule, moved_too_far
 from risk.states import TradingState
 from tests.conftest import SPY_DAILY_CSV
 from tests.helpers import rig_config, wait_for
 
 DAY = NS_PER_DAY
+
+
+def _changes(events: list[HaltEvent]) -> list[HaltEvent]:
+    return [e for e in events if e.action != "reference"]
 
 
 @given(ref=st.floats(1, 1000), move=st.floats(-0.5, 0.5), pct=st.floats(0.5, 20))
@@ -35,7 +39,7 @@ def test_a_symbol_halts_on_its_first_big_move_and_stays_halted(closes: list[floa
     book = HaltBook(HaltRule(move_pct=5.0), ("A", "B"))
     first = next((k for k, c in enumerate(closes) if moved_too_far(c, prev, 5.0)), None)
     for k, close in enumerate(closes):
-        events = book.on_bar("A", 10 * DAY + k, close, close, prev)
+        events = _changes(book.on_bar("A", 10 * DAY + k, close, close, prev))
         assert [e.action for e in events] == (["halt"] if k == first else [])
     assert book.state["A"] is (TradingState.HALTED if first is not None else TradingState.ACTIVE)
     assert book.state["B"] is TradingState.ACTIVE
@@ -44,28 +48,33 @@ def test_a_symbol_halts_on_its_first_big_move_and_stays_halted(closes: list[floa
 
 def test_reference_is_the_sessions_first_open_without_prev_close() -> None:
     book = HaltBook(HaltRule(move_pct=5.0, market_share=2.0), ("A",))
-    assert not book.on_bar("A", DAY + 1, 100.0, 104.9, None)
+    first = book.on_bar("A", DAY + 1, 100.0, 104.9, None)
+    assert [(e.action, e.close) for e in first] == [("reference", 100.0)]
     assert [e.action for e in book.on_bar("A", DAY + 2, 104.9, 105.0, None)] == ["halt"]
     assert book.resume("A", DAY + 3, "operator") is not None
     # A new session: its first open is the new reference.
-    assert not book.on_bar("A", 2 * DAY + 1, 120.0, 121.0, None)
+    assert not _changes(book.on_bar("A", 2 * DAY + 1, 120.0, 121.0, None))
+
+    restored = HaltBook(HaltRule(move_pct=5.0, market_share=2.0), ("A",))
+    restored.restore(first[0])
+    assert [e.action for e in restored.on_bar("A", DAY + 5, 104.9, 105.0, None)] == ["halt"]
 
 
 def test_benchmark_halt_halts_the_market_and_so_does_a_share_of_the_universe() -> None:
     book = HaltBook(HaltRule(move_pct=5.0, benchmark="SPY"), ("SPY", "A"))
-    events = book.on_bar("SPY", DAY, 100.0, 94.0, 100.0)
+    events = _changes(book.on_bar("SPY", DAY, 100.0, 94.0, 100.0))
     assert [(e.action, e.symbol) for e in events] == [("halt", "SPY"), ("halt", None)]
     assert book.market is TradingState.HALTED
 
     book = HaltBook(HaltRule(move_pct=5.0, market_share=0.5), ("A", "B", "C", "D"))
-    assert [e.symbol for e in book.on_bar("A", DAY, 10.0, 11.0, 10.0)] == ["A"]
-    assert [e.symbol for e in book.on_bar("B", DAY, 10.0, 9.0, 10.0)] == ["B", None]
+    assert [e.symbol for e in _changes(book.on_bar("A", DAY, 10.0, 11.0, 10.0))] == ["A"]
+    assert [e.symbol for e in _changes(book.on_bar("B", DAY, 10.0, 9.0, 10.0))] == ["B", None]
 
 
 def test_cooloff_lifts_a_halt_after_feed_time_passes() -> None:
     book = HaltBook(HaltRule(move_pct=5.0, market_share=2.0, cooloff_ns=3600 * 10**9), ("A",))
     book.on_bar("A", DAY, 100.0, 110.0, 100.0)
-    assert not book.on_bar("A", DAY + 60 * 10**9, 110.0, 110.0, 100.0)
+    assert not _changes(book.on_bar("A", DAY + 60 * 10**9, 110.0, 110.0, 100.0))
     events = book.on_bar("A", DAY + 3600 * 10**9, 110.0, 101.0, 100.0)
     assert [e.action for e in events] == ["lift"]
     assert book.state["A"] is TradingState.ACTIVE
