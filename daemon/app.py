@@ -182,7 +182,12 @@ class Daemon:
         from prometheus_client import CollectorRegistry, start_http_server  # noqa: PLC0415
 
         registry = CollectorRegistry()
-        registry.register(StatsCollector(self.stats, lambda: self.engine.name if self.engine else "none"))
+        desk = self.runtime.desk if self.runtime else None
+        registry.register(
+            StatsCollector(
+                self.stats, lambda: self.engine.name if self.engine else "none", desk.status if desk else None
+            )
+        )
         m = self.config.metrics
         server, _ = start_http_server(m.port, addr=m.host, registry=registry)
         self._metrics_server = server

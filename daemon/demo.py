@@ -30,6 +30,7 @@ from daemon.config import (
     JournalConfig,
     MetricsConfig,
     RiskConfig,
+    SignalConfig,
     UniverseConfig,
 )
 from daemon.feed.replay import load_csv, symbols_of
@@ -50,6 +51,7 @@ class DemoOptions:
     data: Path | None = None
     seed: int = 1
     review_threshold: float = 1_000_000.0
+    notional_per_signal: float = 40_000.0
     timeout_s: float = 300.0
     workdir: Path | None = None
 
@@ -130,6 +132,7 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
                 admin=AdminConfig(socket=str(work / "admin.sock"), operators=(os.getuid(),)),
                 # Replayed history: ages are measured on the feed's clock, not today's.
                 risk=RiskConfig(clock="feed", review_threshold=options.review_threshold),
+                signal=SignalConfig(notional_per_signal=options.notional_per_signal),
             )
             daemon = Daemon(config, config_file="(demo defaults)")
             started = time.perf_counter()

@@ -24,9 +24,12 @@ def _histogram(name: str, doc: str, rec: LatencyRecorder) -> HistogramMetricFami
 
 
 class StatsCollector(Collector):
-    def __init__(self, stats: Stats, active_engine: Callable[[], str]) -> None:
+    def __init__(
+        self, stats: Stats, active_engine: Callable[[], str], desk_state: Callable[[], dict[str, Any]] | None = None
+    ) -> None:
         self._stats = stats
         self._active_engine = active_engine
+        self._desk_state = desk_state
 
     def collect(self) -> Iterator[Any]:
         s = self._stats
@@ -58,6 +61,40 @@ class StatsCollector(Collector):
         yield _histogram("tradingd_tick_to_order_seconds", "Bar received to order sent", s.tick_to_order)
         yield _histogram("tradingd_inference_seconds", "Engine inference per batch", s.infer)
         yield _histogram("tradingd_batch_wait_seconds", "Bar received to batch start", s.batch_wait)
+        for name, doc, value in (
+            ("tradingd_halts", "Halts latched (symbol and market)", s.halts),
+            ("tradingd_kills", "Kill switch activations", s.kills),
+            ("tradingd_reviews_parked", "Orders parked for manual review", s.reviews_parked),
+            ("tradingd_reviews_approved", "Parked orders approved", s.reviews_approved),
+            ("tradingd_reviews_rejected", "Parked orders rejected", s.reviews_rejected),
+            ("tradingd_reviews_expired", "Parked orders expired unanswered", s.reviews_expired),
+            (
+                "tradingd_reconcile_differences",
+                "Differences found reconciling with the broker",
+                s.reconcile_differences,
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        if self._desk_state is not None:
+            desk = self._desk_state()
+            yield GaugeMetricFamily("tradingd_halted_symbols", "Symbols halted now", value=len(desk["halted"]))
+            yield GaugeMetricFamily(
+                "tradingd_market_halted", "1 while the whole market is halted", value=float(desk["market"] == "halted")
+            )
+            yield GaugeMetricFamily("tradingd_kill_switch", "1 while the kill switch is on", value=float(desk["kill"]))
+            yield GaugeMetricFamily(
+                "tradingd_review_queue_depth", "Orders waiting for review", value=desk["review_queue"]
+            )
+            yield GaugeMetricFamily(
+                "tradingd_review_oldest_seconds",
+                "Age of the oldest order waiting for review",
+                value=desk["review_oldest_s"],
+            )
+            yield GaugeMetricFamily(
+                "tradingd_broker_connected",
+                "1 while the broker connection is up and reconciled",
+                value=float(desk["broker_connected"] and desk["reconciled"]),
+            )
         engine = GaugeMetricFamily("tradingd_active_engine", "Engine serving inference", labels=["engine"])
         engine.add_metric([self._active_engine()], 1)
         yield engine

@@ -115,3 +115,15 @@ def test_write_csv_round_trips_through_load_csv(tmp_path: Path) -> None:
             closes[b.symbol].append(b.close)
     for symbol, series in closes.items():
         np.testing.assert_allclose(series, universe[symbol][:, 3])
+
+
+def test_demo_with_a_review_threshold_parks_orders_and_reports_reviews_and_halts() -> None:
+    result = _tradingd("demo", "--minutes", "30", "--review-threshold", "50000", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    orders = summary["orders"]
+    assert orders["parked"] >= 1
+    assert {"parked", "approved", "rejected", "expired"} <= set(orders)
+    assert orders["sent"] + sum(orders["denied"].values()) + orders["parked"] == orders["intents"] + orders["approved"]
+    assert orders["balanced"] and orders["received_by_broker"] == orders["sent"]
+    assert isinstance(summary["halts"], list)
