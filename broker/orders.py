@@ -123,9 +123,3 @@ class OrderBook:
         if target in FINAL:
             self.working.pop(order.cl_ord_id, None)
         return None
-
-    def count_by_state(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for order in self.orders.values():
-            out[order.state] = out.get(order.state, 0) + 1
-        return out
