@@ -106,7 +106,7 @@ class BrokerConfig(_Section, frozen=True):
     protocol: Literal["native"] = "native"
     host: str = "127.0.0.1"
     port: Port = 7002
-    max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 65536
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 1 << 20
     reconnect_initial_ms: PositiveInt = 50
     reconnect_max_ms: PositiveInt = 5000
 

@@ -133,6 +133,9 @@ class OrderDesk:
                     self.halts.restore(HaltEvent(kind, r.get("symbol"), r["ts_event"], r["reason"], r.get("close")))
                 case "kill":
                     self.kill = bool(r["on"])
+                case "reconcile" if "positions" in r:
+                    # The broker's positions, as adopted then; later fills move them on.
+                    book.positions = dict(r["positions"])
         return n
 
     def begin_session(self) -> None:
@@ -188,7 +191,7 @@ class OrderDesk:
             if ours != theirs:
                 differences.append(f"position {symbol}: journal {ours}, broker {theirs}; taking the broker's")
                 self.book.positions[symbol] = theirs
-        self.journal.append("reconcile", wall, differences=differences)
+        self.journal.append("reconcile", wall, differences=differences, positions=dict(self.book.positions))
         self.journal.sync()
         self.stats.reconcile_differences += len(differences)
         for d in differences:

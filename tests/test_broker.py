@@ -146,3 +146,21 @@ async def test_client_reconnects_after_the_broker_drops_and_send_says_when_it_ca
     client.stop()
     await task
     await sim2.close()
+
+
+def test_recover_journal_cuts_a_torn_last_record_so_appends_stay_readable(tmp_path: Path) -> None:
+    from broker.journal import Journal, read_journal, recover_journal  # noqa: PLC0415
+
+    path = tmp_path / "j.msgpack"
+    journal = Journal(path, fsync="always")
+    journal.append("intent", 1, id="A")
+    journal.append("send", 2, id="A")
+    journal.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-3])  # the process died mid-write
+    records, cut = recover_journal(path)
+    assert [r["kind"] for r in records] == ["intent"] and cut > 0
+    journal = Journal(path, fsync="none")
+    journal.append("send", 3, id="A")
+    journal.close()
+    assert [(r["kind"], r["ts"]) for r in read_journal(path)] == [("intent", 1), ("send", 3)]
