@@ -128,7 +128,7 @@ class AdminServer:
                 desk.reject(_string(args, "id"), uid, str(reason))
                 return {"id": args["id"], "state": "denied"}
             case "halt":
-                return {"changed": desk.halt(_symbol(args), uid)}
+                return {"changed": desk.halt(_symbol(args), uid, reducing=args.get("reducing") is True)}
             case "resume":
                 return {"changed": desk.resume(_symbol(args), uid)}
             case "kill":

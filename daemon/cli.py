@@ -216,7 +216,9 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 
 def cmd_halt(args: argparse.Namespace) -> int:
-    target = {"all": True} if args.all else {"symbol": args.symbol}
+    target: dict[str, object] = {"all": True} if args.all else {"symbol": args.symbol}
+    if getattr(args, "reducing", False):
+        target["reducing"] = True
     return _admin(args, {"cmd": args.command, **target})
 
 
@@ -288,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         target = p.add_mutually_exclusive_group(required=True)
         target.add_argument("symbol", nargs="?")
         target.add_argument("--all", action="store_true", help="the whole market")
+        if name == "halt":
+            p.add_argument("--reducing", action="store_true", help="allow only orders that shrink a position")
         p.set_defaults(func=cmd_halt)
     p = sub.add_parser("kill", parents=[admin], help="halt everything and cancel every working order")
     p.set_defaults(func=cmd_kill)

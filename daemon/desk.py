@@ -27,6 +27,7 @@ from daemon.windows import FeatureWindows
 from risk.gates import Limits, OrderCheck, RiskView, SymbolLimits, check_order, needs_review
 from risk.halts import HaltBook, HaltEvent, HaltRule
 from risk.review import Parked, ReviewQueue
+from risk.states import TradingState
 
 log = structlog.get_logger("tradingd.desk")
 
@@ -129,7 +130,7 @@ class OrderDesk:
                             order, wire.ExecStatus(r["status"]), r["last_qty"], r["last_px"], r.get("text", "")
                         )
                     )
-                case "halt" | "lift" | "reference":
+                case "halt" | "reduce" | "lift" | "reference":
                     self.halts.restore(HaltEvent(kind, r.get("symbol"), r["ts_event"], r["reason"], r.get("close")))
                 case "kill":
                     self.kill = bool(r["on"])
@@ -235,7 +236,7 @@ class OrderDesk:
         if event.action == "halt":
             self.stats.halts += 1
         log.warning(
-            "halt" if event.action == "halt" else "halt_lifted",
+            {"halt": "halt", "reduce": "reducing_only"}.get(event.action, "halt_lifted"),
             symbol=event.symbol or "(market)",
             reason=event.reason,
             ts_event=event.ts,
@@ -460,8 +461,10 @@ class OrderDesk:
     def operator(self, uid: int, command: str, **args: Any) -> None:
         self.journal.append("operator", self.clock.wall_ns(), uid=uid, command=command, **args)
 
-    def halt(self, symbol: str | None, uid: int) -> bool:
-        event = self.halts.halt(symbol, self._feed_now or self.clock.wall_ns(), f"operator uid {uid}")
+    def halt(self, symbol: str | None, uid: int, reducing: bool = False) -> bool:
+        """Halt (or, with ``reducing``, allow only position-shrinking orders for) a symbol or the market."""
+        ts, reason = self._feed_now or self.clock.wall_ns(), f"operator uid {uid}"
+        event = self.halts.reduce(symbol, ts, reason) if reducing else self.halts.halt(symbol, ts, reason)
         if event is not None:
             self._record_halt(event, uid)
         return event is not None
@@ -537,6 +540,7 @@ class OrderDesk:
             "kill": self.kill,
             "market": str(self.halts.market),
             "halted": self.halts.halted_symbols(),
+            "reducing": [s for s, st in self.halts.state.items() if st is TradingState.REDUCING],
             "reconciled": self.reconciled,
             "broker_connected": bool(self.gateway and self.gateway.connected),
             "positions": {k: v for k, v in sorted(self.book.positions.items()) if v},

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from risk.errors import UnknownSymbolError
-from risk.states import TradingState
+from risk.states import TradingState, transition
 
 NS_PER_DAY = 86_400_000_000_000
 
@@ -32,7 +32,7 @@ class HaltRule:
 
 @dataclass(frozen=True, slots=True)
 class HaltEvent:
-    action: str  # "halt", "lift", or "reference" (a session's first open, the reference without prev_close)
+    action: str  # "halt", "reduce", "lift", or "reference" (a session's first open: the reference without prev_close)
     symbol: str | None  # None: the whole market
     ts: int
     reason: str
@@ -89,17 +89,21 @@ class HaltBook:
 
     def halt(self, symbol: str | None, ts: int, reason: str) -> HaltEvent | None:
         """An operator's halt; None when it was already halted."""
-        if symbol is not None and symbol not in self.state:
-            raise UnknownSymbolError(symbol)
-        current = self.market if symbol is None else self.state[symbol]
-        return None if current is TradingState.HALTED else self._halt(symbol, ts, reason)
+        return self.set_state(symbol, TradingState.HALTED, ts, reason)
+
+    def reduce(self, symbol: str | None, ts: int, reason: str) -> HaltEvent | None:
+        """An operator puts a symbol (or the market) in REDUCING: only orders that shrink a position."""
+        return self.set_state(symbol, TradingState.REDUCING, ts, reason)
 
     def resume(self, symbol: str | None, ts: int, reason: str) -> HaltEvent | None:
-        """An operator's lift; None when it was not halted."""
+        """An operator's lift back to ACTIVE; None when it was active already."""
+        return self.set_state(symbol, TradingState.ACTIVE, ts, reason)
+
+    def set_state(self, symbol: str | None, target: TradingState, ts: int, reason: str) -> HaltEvent | None:
         if symbol is not None and symbol not in self.state:
             raise UnknownSymbolError(symbol)
         current = self.market if symbol is None else self.state[symbol]
-        return None if current is not TradingState.HALTED else self._lift(symbol, ts, reason)
+        return None if current is target else self._set(symbol, target, ts, reason)
 
     def restore(self, event: HaltEvent) -> None:
         """Re-apply a journaled event at start-up."""
@@ -107,27 +111,39 @@ class HaltBook:
             assert event.symbol is not None and event.close is not None
             self._session[event.symbol] = event.ts // NS_PER_DAY
             self._first_open[event.symbol] = event.close
-        elif event.action == "halt":
-            self.halt(event.symbol, event.ts, event.reason)
         else:
-            self.resume(event.symbol, event.ts, event.reason)
+            self.set_state(event.symbol, _TARGET[event.action], event.ts, event.reason)
 
     def _halt(
         self, symbol: str | None, ts: int, reason: str, close: float | None = None, ref: float | None = None
     ) -> HaltEvent:
-        if symbol is None:
-            self.market = TradingState.HALTED
-        else:
-            self.state[symbol] = TradingState.HALTED
-            self._halted += 1
-        self.halted_at[symbol] = ts
-        return HaltEvent("halt", symbol, ts, reason, close, ref)
+        return self._set(symbol, TradingState.HALTED, ts, reason, close, ref)
 
     def _lift(self, symbol: str | None, ts: int, reason: str) -> HaltEvent:
+        return self._set(symbol, TradingState.ACTIVE, ts, reason)
+
+    def _set(
+        self,
+        symbol: str | None,
+        target: TradingState,
+        ts: int,
+        reason: str,
+        close: float | None = None,
+        ref: float | None = None,
+    ) -> HaltEvent:
+        what = symbol or "market"
         if symbol is None:
-            self.market = TradingState.ACTIVE
+            self.market = transition(what, self.market, target)
         else:
-            self.state[symbol] = TradingState.ACTIVE
-            self._halted -= 1
-        self.halted_at.pop(symbol, None)
-        return HaltEvent("lift", symbol, ts, reason)
+            before = self.state[symbol]
+            self.state[symbol] = transition(what, before, target)
+            self._halted += (target is TradingState.HALTED) - (before is TradingState.HALTED)
+        if target is TradingState.HALTED:
+            self.halted_at[symbol] = ts
+        else:
+            self.halted_at.pop(symbol, None)
+        return HaltEvent(_ACTION[target], symbol, ts, reason, close, ref)
+
+
+_ACTION = {TradingState.HALTED: "halt", TradingState.REDUCING: "reduce", TradingState.ACTIVE: "lift"}
+_TARGET = {action: state for state, action in _ACTION.items()}

@@ -68,6 +68,10 @@ async def test_halt_resume_and_kill_over_the_socket(tmp_path: Path) -> None:
         assert status["halted"] == ["BBB"] and status["market"] == "active" and status["reconciled"]
         assert (await _ask(rig, cmd="resume", symbol="BBB"))["result"] == {"changed": True}
         assert desk.halts.halted_symbols() == []
+        assert (await _ask(rig, cmd="halt", symbol="CCC", reducing=True))["result"] == {"changed": True}
+        assert (await _ask(rig, cmd="status"))["result"]["reducing"] == ["CCC"]
+        assert (await _ask(rig, cmd="resume", symbol="CCC"))["result"] == {"changed": True}
+        assert (await _ask(rig, cmd="status"))["result"]["reducing"] == []
 
         killed = await _ask(rig, cmd="kill")
         assert killed["ok"] and desk.kill and desk.halts.market == "halted"

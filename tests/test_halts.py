@@ -80,6 +80,23 @@ def test_cooloff_lifts_a_halt_after_feed_time_passes() -> None:
     assert book.state["A"] is TradingState.ACTIVE
 
 
+def test_states_move_by_the_transition_table_and_restore_from_events() -> None:
+    book = HaltBook(HaltRule(market_share=2.0), ("A",))
+    events = [book.reduce("A", 1, "op"), book.halt("A", 2, "op"), book.resume("A", 3, "op"), book.reduce(None, 4, "op")]
+    assert [(e.action, e.symbol) for e in events if e] == [
+        ("reduce", "A"),
+        ("halt", "A"),
+        ("lift", "A"),
+        ("reduce", None),
+    ]
+    assert book.reduce("A", 5, "op") is not None and book.reduce("A", 6, "op") is None
+    again = HaltBook(HaltRule(market_share=2.0), ("A",))
+    for e in events:
+        if e is not None:
+            again.restore(e)
+    assert again.state["A"] is TradingState.ACTIVE and again.market is TradingState.REDUCING
+
+
 def test_operator_halt_and_resume_name_unknown_symbols() -> None:
     from risk.errors import UnknownSymbolError  # noqa: PLC0415
 

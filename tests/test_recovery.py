@@ -75,10 +75,12 @@ async def test_restart_restores_halts_parked_orders_and_the_kill_switch(tmp_path
         await wait_for(lambda: rig.daemon.runtime.idle_event.is_set() and rig.daemon.stats.reviews_parked >= 1)
         desk = rig.daemon.runtime.desk
         desk.halt("BBB", uid=0)
+        desk.halt("CCC", uid=0, reducing=True)
         desk.kill_switch(uid=0)
         parked = {p.id for p in desk.reviews.waiting()}
     async with running_rig(tmp_path, SYMBOLS, risk=risk) as rig:
         desk = rig.daemon.runtime.desk
         assert desk.kill and desk.halts.market == "halted"
         assert "BBB" in desk.halts.halted_symbols()
+        assert desk.halts.state["CCC"] == "reducing"
         assert {p.id for p in desk.reviews.waiting()} == parked
