@@ -3,10 +3,11 @@
 Ingest calls ``on_bar`` and friends on the event loop. Bars update the feature windows; symbols
 with a full window wait in the batcher; a due batch is gathered into the engine's own input
 buffer and run on the single inference thread, so the loop never waits on the model; results
-come back to the loop, become signals, intents, gate decisions and orders, journaled before
-they are sent. Only one batch is in flight at a time (its input buffer is the engine's), and
-while it runs, at most one waiting entry per symbol can build up: the queue is bounded by the
-universe, and the feed is paused when a whole extra batch is already waiting.
+come back to the loop as signals for the order desk (``daemon.desk``), which turns them into
+gated, journaled orders. Only one batch is in flight at a time (its input buffer is the
+engine's), and while it runs, at most one waiting entry per symbol can build up: the queue is
+bounded by the universe, and the feed is paused while a closed minute is still being inferred
+or a whole extra batch is already waiting.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ def _worth_logging(n: int) -> bool:
 class _InFlight:
     batch: Batch
     bucket: int
-    ts_infer_start: int
 
 
 class Runtime:
@@ -61,7 +61,6 @@ class Runtime:
         self.config = config
         self.engine = engine
         self.clock = clock
-        self.journal = journal
         self.stats = stats or Stats()
         manifest = engine.manifest
         self.symbols = config.universe.symbols
@@ -206,7 +205,7 @@ class Runtime:
         ts_start = self.clock.mono_ns()
         for ts in batch.ts_recv:
             self.stats.batch_wait.record(ts_start - ts)
-        self._inflight = _InFlight(batch, bucket, ts_start)
+        self._inflight = _InFlight(batch, bucket)
         future = asyncio.get_running_loop().run_in_executor(
             self._executor, _timed_infer, self.engine, bucket, self.clock.mono_ns
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import uvloop
+from hypothesis import settings
 
 from daemon.logs import configure_logging
 from engines.chooser import DEFAULT_MODEL
@@ -19,6 +20,10 @@ SPY_DAILY_CSV = SHARED_DATA / "spy_daily_1998-2021.csv"
 
 
 configure_logging("info")
+
+# Shared two-core machines stall now and then; a property is about inputs, not wall time.
+settings.register_profile("tradingd", deadline=None)
+settings.load_profile("tradingd")
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> Mapping[str, Callable[[], Any]]:

@@ -32,7 +32,7 @@ bars = st.tuples(
 ).map(lambda t: (t[0], max(t[0], t[1]) * (1 + t[2]), min(t[0], t[1]) * (1 - t[3]), t[1], t[4]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     window=st.integers(1, 8),
     streams=st.lists(st.lists(bars, min_size=0, max_size=20), min_size=1, max_size=4),
