@@ -84,3 +84,24 @@ async def test_restart_restores_halts_parked_orders_and_the_kill_switch(tmp_path
         assert "BBB" in desk.halts.halted_symbols()
         assert desk.halts.state["CCC"] == "reducing"
         assert {p.id for p in desk.reviews.waiting()} == parked
+
+
+async def test_a_broker_that_vanishes_mid_order_is_reconciled_on_reconnect(tmp_path: Path) -> None:
+    sim = SimConfig(latency_us=500_000)  # orders stay working long enough to lose the broker
+    async with running_rig(tmp_path, SYMBOLS, sim, signal=SignalConfig(confidence_threshold=0.0)) as rig:
+        await _send_minutes(rig, SYMBOLS, range(WINDOW + 1))
+        desk = rig.daemon.runtime.desk
+        await wait_for(lambda: rig.daemon.runtime.idle_event.is_set() and len(desk.book.working) >= 1, what="working")
+        working = list(desk.book.working)
+        port = rig.daemon.config.broker.port
+        await rig.broker.close()  # gone before answering: its orders are lost with it
+        replacement = BrokerSimulator(SimConfig())
+        await replacement.start(port=port)
+        try:
+            await wait_for(lambda: desk.reconciled and rig.daemon.stats.broker_connects == 2, what="reconnect")
+            assert all(desk.book.orders[i].state == "rejected" for i in working)
+            assert not desk.book.working
+            assert rig.daemon.stats.reconcile_differences >= len(working)
+            assert replacement.received == [], "nothing is resent blindly"
+        finally:
+            await replacement.close()
