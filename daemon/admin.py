@@ -146,6 +146,15 @@ class AdminServer:
                 "received": s.bars_received,
                 "accepted": s.bars_accepted,
                 "rejected": sum(s.bars_rejected.values()),
+                "superseded": self.runtime.batcher.superseded,
+                "minutes": s.minute_ends,
+            },
+            "idle": self.runtime.idle_event.is_set(),
+            "batches": s.batches,
+            "latency_us": {
+                "tick_to_order": s.tick_to_order.summary_us(),
+                "infer": s.infer.summary_us(),
+                "batch_wait": s.batch_wait.summary_us(),
             },
             "orders": {
                 "intents": s.intents,

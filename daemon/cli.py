@@ -29,8 +29,9 @@ T = TypeVar("T")
 log = structlog.get_logger("tradingd.cli")
 
 
-def _run_async(coro: Coroutine[Any, Any, T]) -> T:
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+def _run_async(coro: Coroutine[Any, Any, T], loop: str = "uvloop") -> T:
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(coro)
 
 
@@ -77,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             await daemon.shutdown()
 
-    _run_async(main())
+    _run_async(main(), loop=args.loop)
     return 0
 
 
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon")
     p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (asyncio: a baseline)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="feed, daemon and broker simulator on this machine, then a summary")

@@ -1,0 +1,337 @@
+"""Open-loop tick-to-order harness: feed → daemon → broker simulator, all on 127.0.0.1.
+
+    python -m bench.harness --scenario burst --symbols 100 --minutes 60 [--budget-ms 5] [--json-out F]
+
+The harness is the feed. Every bar has an *intended* send time fixed before the run (minute m
+of the scenario at ``t0 + m * period``, its bars spread over the first ``--burst-ms`` of it);
+it sends each bar at that time or, when it falls behind, as soon as it can, and a late send
+counts against the system, not as a skipped sample (no coordinated omission). Tick-to-order is
+the broker simulator's receive time of an order minus the intended send time of the bar that
+caused it (the daemon's journal links the order to its bar). The daemon runs as its own process
+(``tradingd run``), and the broker simulator as another.
+
+Scenarios: ``steady`` (one symbol, one bar per period), ``burst`` (S symbols each minute, then
+``minute_end``), ``overload`` (a burst at 10x the rate). Baselines: ``--no-batching`` (one
+inference per bar), ``--loop asyncio`` (the default event loop instead of uvloop).
+``--stall-ms`` stops the daemon (SIGSTOP) for that long at the middle minute, to show that the
+harness reports what the stall cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from hdrh.histogram import HdrHistogram
+
+from broker.journal import read_journal
+from daemon.admin import request
+from daemon.feed.protocol import Bar, bar_map, minute_end_map
+from daemon.feed.synth import SynthParams, generate
+
+NS = 1_000_000_000
+T_FIRST = 1_767_625_200 * NS  # feed time of the first bar's close (2026-01-05 14:00 UTC)
+
+
+@dataclass(frozen=True)
+class Options:
+    scenario: str = "burst"
+    symbols: int = 100
+    minutes: int = 60
+    period_ms: float = 250.0  # wall time between two feed minutes
+    burst_ms: float = 5.0  # the bars of a minute go out over this long
+    batching: bool = True
+    loop: str = "uvloop"
+    stall_ms: float = 0.0
+    seed: int = 1
+
+
+@dataclass
+class Report:
+    options: dict[str, Any]
+    bars_sent: int = 0
+    orders: int = 0
+    orders_per_s: float = 0.0
+    drops: dict[str, int] = field(default_factory=dict)
+    tick_to_order_us: dict[str, float] = field(default_factory=dict)
+    daemon_us: dict[str, Any] = field(default_factory=dict)
+    late_sends: int = 0
+    max_send_lag_us: float = 0.0
+    wall_s: float = 0.0
+
+
+def _plan(o: Options) -> tuple[list[str], list[list[Bar]]]:
+    symbols_n = 1 if o.scenario == "steady" else o.symbols
+    universe = generate(SynthParams(symbols=symbols_n, minutes=o.minutes, seed=o.seed))
+    names = list(universe)
+    minutes: list[list[Bar]] = []
+    seq = 0
+    for m in range(o.minutes):
+        ts = T_FIRST + m * 60 * NS
+        bars = []
+        for name in names:
+            op, hi, lo, cl, vol = (float(x) for x in universe[name][m])
+            seq += 1
+            bars.append(Bar(seq, name, ts, op, hi, lo, cl, vol))
+        seq += 1
+        minutes.append(bars)
+    return names, minutes
+
+
+class Driver:
+    """The feed server: sends each bar at its intended time, open-loop."""
+
+    def __init__(self, o: Options, minutes: list[list[Bar]]) -> None:
+        self.o = o
+        self.minutes = minutes
+        self.intended: dict[tuple[str, int], int] = {}  # (symbol, ts_event) -> intended wall ns
+        self.done = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.late = 0
+        self.max_lag_ns = 0
+        self.daemon_pid: int | None = None
+        period = self.o.period_ms / (10.0 if o.scenario == "overload" else 1.0)
+        self.period_ns = int(period * 1e6)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connected.set()
+        packer = msgpack.Packer()
+        t0 = time.time_ns() + 200_000_000
+        seq = 0
+        for m, bars in enumerate(self.minutes):
+            start = t0 + m * self.period_ns
+            spread = int(self.o.burst_ms * 1e6 / max(1, len(bars)))
+            if self.o.stall_ms and m == len(self.minutes) * 2 // 3 and self.daemon_pid:
+                asyncio.get_running_loop().call_later(
+                    max(0.0, (start - time.time_ns()) / NS), _stall, self.daemon_pid, self.o.stall_ms
+                )
+            chunk: list[bytes] = []
+            for k, bar in enumerate(bars):
+                due = start + k * spread
+                self.intended[(bar.symbol, bar.ts)] = due
+                now = time.time_ns()
+                if due > now + 200_000:
+                    if chunk:
+                        writer.write(b"".join(chunk))
+                        chunk.clear()
+                    await asyncio.sleep((due - now) / NS)
+                else:
+                    lag = now - due
+                    if lag > 1_000_000:
+                        self.late += 1
+                        self.max_lag_ns = max(self.max_lag_ns, lag)
+                chunk.append(packer.pack(bar_map(bar)))
+                seq = bar.seq
+            chunk.append(packer.pack(minute_end_map(seq + 1, bars[0].ts, len(bars))))
+            writer.write(b"".join(chunk))
+            await writer.drain()
+        self.done.set()
+        await reader.read()  # keep the connection until the daemon goes
+        writer.close()
+        self.finished.set()
+
+
+def _stall(pid: int, ms: float) -> None:
+    """Freeze the daemon for ``ms``; the feed goes on sending meanwhile, as a real one would."""
+    os.kill(pid, signal.SIGSTOP)
+    asyncio.get_running_loop().call_later(ms / 1000.0, os.kill, pid, signal.SIGCONT)
+
+
+def _spawn(args: list[str], log: Any) -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", *args], stdout=subprocess.PIPE, stderr=log)
+    assert proc.stdout is not None
+    with proc.stdout:
+        line = proc.stdout.readline().decode()
+    if not line.startswith("LISTENING "):
+        raise RuntimeError(f"{args[0]} did not start: {line!r}")
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def _status(sock: Path) -> dict[str, Any] | None:
+    try:
+        reply = request(str(sock), {"cmd": "status"}, timeout=5)
+    except OSError:
+        return None
+    return reply.get("result") if reply.get("ok") else None
+
+
+async def run(o: Options, work: Path) -> Report:
+    names, minutes = _plan(o)
+    driver = Driver(o, minutes)
+    server = await asyncio.start_server(driver.serve, "127.0.0.1", 0)
+    feed_port = server.sockets[0].getsockname()[1]
+    log = (work / "processes.log").open("ab")
+    broker_log, journal, sock = work / "broker.jsonl", work / "journal.msgpack", work / "admin.sock"
+    broker, broker_port = _spawn(["broker-sim", "--port", "0", "--log", str(broker_log)], log)
+    config = work / "tradingd.toml"
+    config.write_text(
+        f"""
+[feed]
+port = {feed_port}
+max_frame_bytes = 4096
+[broker]
+port = {broker_port}
+[universe]
+symbols = {json.dumps(names)}
+[batch]
+max_batch = {256 if o.batching else 1}
+max_delay_us = 1000
+[signal]
+confidence_threshold = 0.0
+notional_per_signal = 10000.0
+[risk]
+clock = "feed"
+duplicate_window_ms = 0
+throttle_orders = 1000000
+max_gross_exposure = 1e12
+[metrics]
+enabled = false
+[admin]
+socket = "{sock}"
+operators = [{os.getuid()}]
+[journal]
+path = "{journal}"
+fsync = "none"
+[log]
+level = "error"
+"""
+    )
+    daemon = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measured run
+        [sys.executable, "-m", "daemon", "run", "--config", str(config), "--loop", o.loop], stderr=log
+    )
+    driver.daemon_pid = daemon.pid
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(driver.connected.wait(), timeout=120)
+        await driver.done.wait()
+        deadline = time.monotonic() + 120
+        status = None
+        while time.monotonic() < deadline:
+            status = await asyncio.to_thread(_status, sock)
+            if status and status["bars"]["minutes"] >= len(minutes) and status["idle"]:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)  # the last fills
+        status = await asyncio.to_thread(_status, sock)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(daemon.wait, 30)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(driver.finished.wait(), timeout=5)
+        broker.terminate()
+        broker.wait(timeout=10)
+        server.close()
+        log.close()
+    wall = time.monotonic() - started
+
+    bar_of = {r["id"]: (r["symbol"], r["ts_event"]) for r in read_journal(journal) if r["kind"] == "intent"}
+    hist = HdrHistogram(1, 600_000_000, 3)  # microseconds, up to 10 minutes
+    received = [json.loads(line) for line in broker_log.read_text().splitlines()]
+    for order in received:
+        key = bar_of.get(order["cl_ord_id"])
+        if key is None or key not in driver.intended:
+            continue
+        hist.record_value(max(1, (order["ts_recv"] - driver.intended[key]) // 1000))
+    span_s = len(minutes) * driver.period_ns / NS
+    report = Report(options=asdict(o))
+    report.bars_sent = sum(len(m) for m in minutes)
+    report.orders = hist.get_total_count()
+    report.orders_per_s = round(report.orders / span_s, 1) if span_s else 0.0
+    bars = (status or {}).get("bars", {})
+    report.drops = {
+        "rejected": bars.get("rejected", -1),
+        "superseded": bars.get("superseded", -1),
+        "not_received": report.bars_sent - bars.get("received", 0),
+    }
+    if report.orders:
+        report.tick_to_order_us = {
+            "p50": hist.get_value_at_percentile(50),
+            "p90": hist.get_value_at_percentile(90),
+            "p99": hist.get_value_at_percentile(99),
+            "p99.9": hist.get_value_at_percentile(99.9),
+            "max": hist.get_max_value(),
+        }
+    report.daemon_us = (status or {}).get("latency_us", {})
+    report.late_sends = driver.late
+    report.max_send_lag_us = round(driver.max_lag_ns / 1000, 1)
+    report.wall_s = round(wall, 2)
+    return report
+
+
+def markdown(report: Report) -> str:
+    o, t = report.options, report.tick_to_order_us
+    own = report.daemon_us.get("tick_to_order", {})
+    infer = report.daemon_us.get("infer", {})
+    head = (
+        f"scenario {o['scenario']}, {o['symbols'] if o['scenario'] != 'steady' else 1} symbol(s), "
+        f"{o['minutes']} minutes every {o['period_ms']} ms, batching {'on' if o['batching'] else 'off'}, "
+        f"loop {o['loop']}{', stall ' + str(o['stall_ms']) + ' ms' if o['stall_ms'] else ''}"
+    )
+    return "\n".join(
+        [
+            head,
+            "",
+            "| orders | orders/s | drops | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs "
+            "| daemon t2o p50/p99 µs | infer p50/p99 µs |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---|---|",
+            f"| {report.orders} | {report.orders_per_s} | {report.drops} | {t.get('p50')} | {t.get('p90')} "
+            f"| {t.get('p99')} | {t.get('p99.9')} | {t.get('max')} | {own.get('p50')}/{own.get('p99')} "
+            f"| {infer.get('p50')}/{infer.get('p99')} |",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["steady", "burst", "overload"], default="burst")
+    parser.add_argument("--symbols", type=int, default=100)
+    parser.add_argument("--minutes", type=int, default=60)
+    parser.add_argument("--period-ms", type=float, default=250.0)
+    parser.add_argument("--burst-ms", type=float, default=5.0)
+    parser.add_argument("--no-batching", action="store_true")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument("--stall-ms", type=float, default=0.0)
+    parser.add_argument("--budget-ms", type=float, help="exit 1 when p99 tick-to-order exceeds this")
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--md-out", type=Path)
+    args = parser.parse_args(argv)
+    o = Options(
+        args.scenario,
+        args.symbols,
+        args.minutes,
+        args.period_ms,
+        args.burst_ms,
+        not args.no_batching,
+        args.loop,
+        args.stall_ms,
+    )
+    with tempfile.TemporaryDirectory(prefix="tradingd-bench-") as work:
+        report = asyncio.run(run(o, Path(work)))
+    text = markdown(report)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(asdict(report), indent=2))
+    if args.md_out:
+        args.md_out.write_text(text + "\n")
+    p99 = report.tick_to_order_us.get("p99")
+    if args.budget_ms is not None and (p99 is None or p99 > args.budget_ms * 1000):
+        print(f"p99 tick-to-order {p99} µs is over the budget of {args.budget_ms} ms", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
