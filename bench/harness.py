@@ -150,7 +150,8 @@ def _stall(pid: int, ms: float) -> None:
     asyncio.get_running_loop().call_later(ms / 1000.0, os.kill, pid, signal.SIGCONT)
 
 
-def _spawn(args: list[str], log: Any) -> tuple[subprocess.Popen[bytes], int]:
+def spawn_server(args: list[str], log: Any) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``tradingd <server command>`` and read its port from the ``LISTENING`` line."""
     proc = subprocess.Popen([sys.executable, "-m", "daemon", *args], stdout=subprocess.PIPE, stderr=log)
     assert proc.stdout is not None
     with proc.stdout:
@@ -160,7 +161,8 @@ def _spawn(args: list[str], log: Any) -> tuple[subprocess.Popen[bytes], int]:
     return proc, int(line.rsplit(":", 1)[1])
 
 
-def _status(sock: Path) -> dict[str, Any] | None:
+def admin_status(sock: Path) -> dict[str, Any] | None:
+    """The daemon's status over its admin socket, or None while it does not answer."""
     try:
         reply = request(str(sock), {"cmd": "status"}, timeout=5)
     except OSError:
@@ -175,7 +177,7 @@ async def run(o: Options, work: Path) -> Report:
     feed_port = server.sockets[0].getsockname()[1]
     log = (work / "processes.log").open("ab")
     broker_log, journal, sock = work / "broker.jsonl", work / "journal.msgpack", work / "admin.sock"
-    broker, broker_port = _spawn(["broker-sim", "--port", "0", "--log", str(broker_log)], log)
+    broker, broker_port = spawn_server(["broker-sim", "--port", "0", "--log", str(broker_log)], log)
     config = work / "tradingd.toml"
     config.write_text(
         f"""
@@ -220,12 +222,12 @@ level = "error"
         deadline = time.monotonic() + 120
         status = None
         while time.monotonic() < deadline:
-            status = await asyncio.to_thread(_status, sock)
+            status = await asyncio.to_thread(admin_status, sock)
             if status and status["bars"]["minutes"] >= len(minutes) and status["idle"]:
                 break
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.3)  # the last fills
-        status = await asyncio.to_thread(_status, sock)
+        status = await asyncio.to_thread(admin_status, sock)
     finally:
         daemon.send_signal(signal.SIGTERM)
         await asyncio.to_thread(daemon.wait, 30)

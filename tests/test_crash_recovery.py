@@ -20,10 +20,11 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
+from bench.harness import admin_status, spawn_server
 from broker.journal import read_journal
 from daemon.admin import request
 
@@ -32,28 +33,11 @@ pytestmark = pytest.mark.slow
 KILLS = 20
 
 
-def _spawn(args: list[str], log: IO[bytes]) -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", *args], stdout=subprocess.PIPE, stderr=log)
-    assert proc.stdout is not None
-    with proc.stdout:
-        line = proc.stdout.readline().decode()
-    assert line.startswith("LISTENING "), f"{args[0]} did not start: {line!r}"
-    return proc, int(line.rsplit(":", 1)[1])
-
-
-def _status(sock: Path) -> dict[str, Any] | None:
-    try:
-        reply = request(str(sock), {"cmd": "status"}, timeout=2)
-    except OSError:
-        return None
-    return reply["result"] if reply.get("ok") else None
-
-
 def _wait_ready(sock: Path, proc: subprocess.Popen[bytes], timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"daemon exited with {proc.returncode}"
-        status = _status(sock)
+        status = admin_status(sock)
         if status is not None and status["feed_connected"] and status["reconciled"]:
             return status
         time.sleep(0.05)
@@ -90,9 +74,11 @@ def test_sigkill_at_random_moments_loses_no_order_and_sends_none_twice(tmp_path:
 
     logs = (tmp_path / "logs.txt").open("ab")
     broker_log = tmp_path / "broker.jsonl"
-    broker, broker_port = _spawn(["broker-sim", "--port", "0", "--log", str(broker_log), "--partial-fills", "2"], logs)
+    broker, broker_port = spawn_server(
+        ["broker-sim", "--port", "0", "--log", str(broker_log), "--partial-fills", "2"], logs
+    )
     # 0.1 s per minute while connected: the day outlasts the 20 lives, and each life trades.
-    feed, feed_port = _spawn(["replay", str(day), "--port", "0", "--speed", "600"], logs)
+    feed, feed_port = spawn_server(["replay", str(day), "--port", "0", "--speed", "600"], logs)
     journal, sock = tmp_path / "journal.msgpack", tmp_path / "admin.sock"
     config = tmp_path / "tradingd.toml"
     config.write_text(
@@ -154,7 +140,7 @@ level = "warning"
             )
             if life == KILLS:
                 time.sleep(1.0)  # let the last life trade and settle
-                final = _status(sock)
+                final = admin_status(sock)
                 daemon.send_signal(signal.SIGTERM)
                 assert daemon.wait(timeout=30) == 0
                 break
