@@ -7,6 +7,7 @@ book returns the reason and the caller counts and logs it.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -86,6 +87,10 @@ class OrderBook:
     positions: dict[str, int] = field(default_factory=dict)
     open_qty: dict[str, int] = field(default_factory=dict)
     working: dict[str, Order] = field(default_factory=dict)  # sent and not yet final
+    # Final orders are kept for late reports and operators, the most recent ``retain_final`` of
+    # them: a daemon that runs for months must not grow with every order it ever sent.
+    retain_final: int = 10_000
+    _final: deque[str] = field(default_factory=deque)
 
     def add(self, order: Order) -> None:
         self.orders[order.cl_ord_id] = order
@@ -121,5 +126,16 @@ class OrderBook:
             order.reject_text = report.text
         self.open_qty[order.symbol] = self.open_qty.get(order.symbol, 0) - before + order.signed_open_qty
         if target in FINAL:
-            self.working.pop(order.cl_ord_id, None)
+            self._retire(order)
         return None
+
+    def deny(self, order: Order) -> None:
+        """An intent or parked order that will never be sent."""
+        order.move(OrderState.DENIED)
+        self._retire(order)
+
+    def _retire(self, order: Order) -> None:
+        self.working.pop(order.cl_ord_id, None)
+        self._final.append(order.cl_ord_id)
+        while len(self._final) > self.retain_final:
+            self.orders.pop(self._final.popleft(), None)

@@ -110,7 +110,7 @@ class OrderDesk:
                 case "intent":
                     book.add(Order(r["id"], r["symbol"], wire.Side(r["side"]), r["qty"], r["price"], r["ts_event"], 0))
                 case "denied" | "abandoned" if order is not None and order.state is not OrderState.SENT:
-                    order.move(OrderState.DENIED)
+                    book.deny(order)
                 case "abandoned" if order is not None:
                     book.apply(self._report(order, wire.ExecStatus.REJECTED, 0, 0.0, r.get("detail", "")))
                 case "parked" if order is not None:
@@ -120,7 +120,7 @@ class OrderDesk:
                     if order.cl_ord_id in self.reviews:
                         self.reviews.take(order.cl_ord_id)
                     if r["action"] != "approved":
-                        order.move(OrderState.DENIED)
+                        book.deny(order)
                 case "send" if order is not None:
                     book.mark_sent(order, 0)
                     self._remember_send(order, r["ts"])
@@ -148,7 +148,7 @@ class OrderDesk:
                 # The process stopped between journaling the intent and deciding on it: the
                 # decision is closed as abandoned, never taken late.
                 self.journal.append("abandoned", wall, id=order.cl_ord_id, detail="stopped before the decision")
-                order.move(OrderState.DENIED)
+                self.book.deny(order)
                 log.warning("intent_abandoned", id=order.cl_ord_id, detail="stopped before the decision")
         self.journal.sync()
 
@@ -345,7 +345,7 @@ class OrderDesk:
         if reason is not None:
             s.orders_denied[reason] += 1
             self.journal.append("denied", wall, id=order.cl_ord_id, reason=reason, detail=detail)
-            order.move(OrderState.DENIED)
+            self.book.deny(order)
             log.info("order_denied", reason=reason, detail=detail, **fields)
             return
         if review and needs_review(check, self.limits, view):
@@ -388,7 +388,12 @@ class OrderDesk:
 
     def _remember_send(self, order: Order, wall: int) -> None:
         self._recent_sends.append(wall)
-        self._last_same[(order.symbol, order.side, order.qty, order.price)] = wall
+        last_same = self._last_same
+        last_same[(order.symbol, order.side, order.qty, order.price)] = wall
+        if len(last_same) > 4 * len(self.symbols) + 1024:
+            # Only sends inside the duplicate window matter; forget the rest.
+            horizon = wall - self.limits.duplicate_window_ns
+            self._last_same = {k: ts for k, ts in last_same.items() if ts > horizon}
 
     @staticmethod
     def _parked(order: Order, wall: int, expires: int) -> Parked:
@@ -518,7 +523,7 @@ class OrderDesk:
         parked = self.reviews.take(order_id)
         self.journal.append("review", self.clock.wall_ns(), id=order_id, action="rejected", uid=uid, reason=reason)
         self.journal.sync()
-        self.book.orders[parked.id].move(OrderState.DENIED)
+        self.book.deny(self.book.orders[parked.id])
         self.stats.reviews_rejected += 1
         log.warning("review_rejected", id=order_id, uid=uid, reason=reason)
 
@@ -527,7 +532,7 @@ class OrderDesk:
         gone = self.reviews.expire(wall)
         for parked in gone:
             self.journal.append("review", wall, id=parked.id, action="expired")
-            self.book.orders[parked.id].move(OrderState.DENIED)
+            self.book.deny(self.book.orders[parked.id])
             self.stats.reviews_expired += 1
             log.warning("review_expired", id=parked.id)
         if gone:

@@ -164,3 +164,16 @@ def test_recover_journal_cuts_a_torn_last_record_so_appends_stay_readable(tmp_pa
     journal.append("send", 3, id="A")
     journal.close()
     assert [(r["kind"], r["ts"]) for r in read_journal(path)] == [("intent", 1), ("send", 3)]
+
+
+def test_book_keeps_only_the_most_recent_final_orders() -> None:
+    book = OrderBook(retain_final=3)
+    orders = [_order(f"O{i}", qty=1) for i in range(6)]
+    for order in orders:
+        book.add(order)
+        book.mark_sent(order, 1)
+    for order in orders[:5]:
+        assert book.apply(_report(order, wire.ExecStatus.FILLED, 1, 1)) is None
+    assert list(book.orders) == ["O2", "O3", "O4", "O5"]  # three final, one working
+    assert book.positions["AAA"] == 5
+    assert book.apply(_report(orders[0], wire.ExecStatus.FILLED, 1, 1)) == "unknown_order"
