@@ -56,6 +56,7 @@ class Options:
     loop: str = "uvloop"
     stall_ms: float = 0.0
     seed: int = 1
+    sample_s: float = 0.0  # soak: sample the daemon's RSS and open fds this often (0: off)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Report:
     drops: dict[str, int] = field(default_factory=dict)
     tick_to_order_us: dict[str, float] = field(default_factory=dict)
     daemon_us: dict[str, Any] = field(default_factory=dict)
+    soak: dict[str, Any] = field(default_factory=dict)
     late_sends: int = 0
     max_send_lag_us: float = 0.0
     wall_s: float = 0.0
@@ -150,6 +152,45 @@ def _stall(pid: int, ms: float) -> None:
     asyncio.get_running_loop().call_later(ms / 1000.0, os.kill, pid, signal.SIGCONT)
 
 
+async def _sample(pid: int, out: list[tuple[float, int, int]], t0: float, every_s: float) -> None:
+    """Record the daemon's resident memory (kB) and open file descriptors every ``every_s``."""
+    while True:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()  # noqa: ASYNC240 - procfs, never blocks
+            rss = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+        except (OSError, StopIteration):
+            return
+        out.append((round(time.monotonic() - t0, 1), rss, fds))
+        await asyncio.sleep(every_s)
+
+
+def plot_soak(report: Report, path: Path) -> None:
+    """RSS and open descriptors over the run, as a PNG (needs matplotlib, in the dev extra)."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    t, rss, fds = zip(*report.soak["samples"], strict=True)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot([x / 60 for x in t], [r / 1024 for r in rss], label="RSS (MiB)")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_ylim(0, max(rss) / 1024 * 1.2)
+    ax2 = ax.twinx()
+    ax2.plot([x / 60 for x in t], fds, color="tab:orange", label="open fds")
+    ax2.set_ylabel("open file descriptors")
+    ax2.set_ylim(0, max(fds) * 1.5)
+    o = report.options
+    ax.set_title(
+        f"tradingd soak: {o['symbols']} symbols, a minute every {o['period_ms']:.0f} ms; "
+        f"RSS growth {report.soak['rss_growth_pct']}%"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def spawn_server(args: list[str], log: Any) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``tradingd <server command>`` and read its port from the ``LISTENING`` line."""
     proc = subprocess.Popen([sys.executable, "-m", "daemon", *args], stdout=subprocess.PIPE, stderr=log)
@@ -216,6 +257,8 @@ level = "error"
     )
     driver.daemon_pid = daemon.pid
     started = time.monotonic()
+    samples: list[tuple[float, int, int]] = []
+    sampler = asyncio.create_task(_sample(daemon.pid, samples, started, o.sample_s)) if o.sample_s else None
     try:
         await asyncio.wait_for(driver.connected.wait(), timeout=120)
         await driver.done.wait()
@@ -229,6 +272,8 @@ level = "error"
         await asyncio.sleep(0.3)  # the last fills
         status = await asyncio.to_thread(admin_status, sock)
     finally:
+        if sampler is not None:
+            sampler.cancel()
         daemon.send_signal(signal.SIGTERM)
         await asyncio.to_thread(daemon.wait, 30)
         with contextlib.suppress(TimeoutError):
@@ -267,6 +312,17 @@ level = "error"
             "max": hist.get_max_value(),
         }
     report.daemon_us = (status or {}).get("latency_us", {})
+    if samples:
+        # Growth is judged from the end of warm-up (a tenth of the run in), not from start-up.
+        base = next((x for x in samples if x[0] >= samples[-1][0] * 0.1), samples[0])
+        report.soak = {
+            "samples": samples,
+            "rss_kb_start": base[1],
+            "rss_kb_end": samples[-1][1],
+            "rss_growth_pct": round(100.0 * (samples[-1][1] - base[1]) / base[1], 2),
+            "fds_start": base[2],
+            "fds_end": samples[-1][2],
+        }
     report.late_sends = driver.late
     report.max_send_lag_us = round(driver.max_lag_ns / 1000, 1)
     report.wall_s = round(wall, 2)
@@ -307,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument("--stall-ms", type=float, default=0.0)
     parser.add_argument("--budget-ms", type=float, help="exit 1 when p99 tick-to-order exceeds this")
+    parser.add_argument("--soak", action="store_true", help="record the daemon's RSS and open fds every second")
+    parser.add_argument("--soak-png", type=Path, help="plot the soak's memory curve to this PNG")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path)
     args = parser.parse_args(argv)
@@ -319,10 +377,19 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_batching,
         args.loop,
         args.stall_ms,
+        sample_s=1.0 if args.soak or args.soak_png else 0.0,
     )
     with tempfile.TemporaryDirectory(prefix="tradingd-bench-") as work:
         report = asyncio.run(run(o, Path(work)))
     text = markdown(report)
+    if report.soak:
+        k = report.soak
+        text += (
+            f"\n\nsoak: RSS {k['rss_kb_start']} kB -> {k['rss_kb_end']} kB ({k['rss_growth_pct']:+}%), "
+            f"open fds {k['fds_start']} -> {k['fds_end']}, {len(k['samples'])} samples"
+        )
+        if args.soak_png:
+            plot_soak(report, args.soak_png)
     print(text)
     if args.json_out:
         args.json_out.write_text(json.dumps(asdict(report), indent=2))
