@@ -11,7 +11,8 @@ caused it (the daemon's journal links the order to its bar). The daemon runs as 
 (``tradingd run``), and the broker simulator as another.
 
 Scenarios: ``steady`` (one symbol, one bar per period), ``burst`` (S symbols each minute, then
-``minute_end``), ``overload`` (a burst at 10x the rate). Baselines: ``--no-batching`` (one
+``minute_end``), ``overload`` (a burst at 10x the rate), ``real`` (a CSV of real minute bars,
+``--minutes 0`` for all of it). Baselines: ``--no-batching`` (one
 inference per bar), ``--loop asyncio`` (the default event loop instead of uvloop).
 ``--stall-ms`` stops the daemon (SIGSTOP) for that long at the middle minute, to show that the
 harness reports what the stall cost.
@@ -39,6 +40,7 @@ from hdrh.histogram import HdrHistogram
 from broker.journal import read_journal
 from daemon.admin import request
 from daemon.feed.protocol import Bar, bar_map, minute_end_map
+from daemon.feed.replay import load_csv, symbols_of
 from daemon.feed.synth import SynthParams, generate
 
 NS = 1_000_000_000
@@ -56,6 +58,7 @@ class Options:
     loop: str = "uvloop"
     stall_ms: float = 0.0
     seed: int = 1
+    data: str = ""  # the CSV of the "real" scenario
     sample_s: float = 0.0  # soak: sample the daemon's RSS and open fds this often (0: off)
 
 
@@ -75,6 +78,9 @@ class Report:
 
 
 def _plan(o: Options) -> tuple[list[str], list[list[Bar]]]:
+    if o.scenario == "real":
+        loaded = load_csv(Path(o.data))
+        return list(symbols_of(loaded)), [list(m.bars) for m in loaded[: o.minutes or None]]
     symbols_n = 1 if o.scenario == "steady" else o.symbols
     universe = generate(SynthParams(symbols=symbols_n, minutes=o.minutes, seed=o.seed))
     names = list(universe)
@@ -354,7 +360,12 @@ def markdown(report: Report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["steady", "burst", "overload"], default="burst")
+    parser.add_argument("--scenario", choices=["steady", "burst", "overload", "real"], default="burst")
+    parser.add_argument(
+        "--data",
+        default=str(Path(__file__).resolve().parents[2] / "shared/data/us_equity_minute_2013-10.csv"),
+        help="the CSV for --scenario real (its minutes, in order, each at its intended time)",
+    )
     parser.add_argument("--symbols", type=int, default=100)
     parser.add_argument("--minutes", type=int, default=60)
     parser.add_argument("--period-ms", type=float, default=250.0)
@@ -377,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_batching,
         args.loop,
         args.stall_ms,
+        data=args.data,
         sample_s=1.0 if args.soak or args.soak_png else 0.0,
     )
     with tempfile.TemporaryDirectory(prefix="tradingd-bench-") as work:
