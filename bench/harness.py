@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +335,47 @@ level = "error"
     return report
 
 
+def engine_alone(o: Options, iterations: int = 200) -> dict[int, dict[str, float]]:
+    """The shipped engine's inference per bucket a run of ``o`` uses, measured alone."""
+    import numpy as np  # noqa: PLC0415
+
+    from engines.base import EngineSpec  # noqa: PLC0415
+    from engines.chooser import DEFAULT_MODEL, build_engine  # noqa: PLC0415
+
+    engine = build_engine(EngineSpec("bench", "onnxruntime", DEFAULT_MODEL))
+    engine.warm_up()
+    symbols = 1 if o.scenario == "steady" else o.symbols
+    sizes = {engine.bucket_for(min(n, 256)) for n in (symbols, symbols % 256 or 256)} if o.batching else {1}
+    if o.batching and symbols >= 256:
+        sizes.add(256)
+    out: dict[int, dict[str, float]] = {}
+    for bucket in sorted(sizes):
+        times = []
+        for _ in range(iterations):
+            t = time.perf_counter_ns()
+            engine.infer(bucket)
+            times.append(time.perf_counter_ns() - t)
+        p50, p99 = np.percentile(times, [50, 99]) / 1000
+        out[bucket] = {"p50": round(float(p50), 1), "p99": round(float(p99), 1)}
+    return out
+
+
+def daemon_overhead(o: Options, report: Report, engine: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Tick-to-order minus what the engine alone needs for all of a minute's batches."""
+    symbols = 1 if o.scenario == "steady" else o.symbols
+    full, rest = divmod(symbols, 256) if o.batching else (0, 0)
+    out = {}
+    for q in ("p50", "p99"):
+        if not o.batching:
+            engine_ns = engine[1][q] * symbols
+        else:
+            engine_ns = full * engine.get(256, {}).get(q, 0.0) + (
+                engine[min(b for b in engine if b >= rest)][q] if rest else 0.0
+            )
+        out[q] = round(report.tick_to_order_us.get(q, 0.0) - engine_ns, 1)
+    return out
+
+
 def markdown(report: Report) -> str:
     o, t = report.options, report.tick_to_order_us
     own = report.daemon_us.get("tick_to_order", {})
@@ -376,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-ms", type=float, help="exit 1 when p99 tick-to-order exceeds this")
     parser.add_argument("--soak", action="store_true", help="record the daemon's RSS and open fds every second")
     parser.add_argument("--soak-png", type=Path, help="plot the soak's memory curve to this PNG")
+    parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="in the same invocation, also run with batching off and with the asyncio loop, and the engine alone",
+    )
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path)
     args = parser.parse_args(argv)
@@ -394,6 +440,27 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tradingd-bench-") as work:
         report = asyncio.run(run(o, Path(work)))
     text = markdown(report)
+    baselines: dict[str, Any] = {}
+    if args.baselines:
+        for label, variant in (
+            ("batching off", replace(o, batching=False, sample_s=0.0)),
+            ("asyncio loop", replace(o, loop="asyncio", sample_s=0.0)),
+        ):
+            with tempfile.TemporaryDirectory(prefix="tradingd-bench-") as work:
+                other = asyncio.run(run(variant, Path(work)))
+            baselines[label] = asdict(other)
+            text += "\n" + markdown(other).splitlines()[-1] + f" ← baseline: {label}"
+        engine = engine_alone(o)
+        baselines["engine alone"] = engine
+        text += "\n\nengine alone (inference per bucket, µs): " + ", ".join(
+            f"bucket {b}: p50 {v['p50']} / p99 {v['p99']}" for b, v in engine.items()
+        )
+        overhead = daemon_overhead(o, report, engine)
+        baselines["daemon overhead"] = overhead
+        text += (
+            f"\ndaemon overhead (tick-to-order minus the engine-alone time of the minute's batches, µs): "
+            f"p50 {overhead['p50']}, p99 {overhead['p99']}"
+        )
     if report.soak:
         k = report.soak
         text += (
@@ -404,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             plot_soak(report, args.soak_png)
     print(text)
     if args.json_out:
-        args.json_out.write_text(json.dumps(asdict(report), indent=2))
+        args.json_out.write_text(json.dumps({**asdict(report), "baselines": baselines}, indent=2))
     if args.md_out:
         args.md_out.write_text(text + "\n")
     p99 = report.tick_to_order_us.get("p99")

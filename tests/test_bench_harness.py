@@ -77,3 +77,15 @@ def test_without_a_stall_the_same_run_meets_a_generous_budget(tmp_path: Path) ->
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| p99 µs |" in result.stdout
+
+
+def test_ingest_bench_runs_and_counts_every_bar() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.ingest", "--symbols", "40", "--minutes", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "800 bars" in result.stdout and "+ windows, halts, batcher" in result.stdout
