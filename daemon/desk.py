@@ -96,12 +96,10 @@ class OrderDesk:
 
     # -- start-up -------------------------------------------------------------------------
 
-    def restore(self, records: Iterable[dict[str, Any]]) -> int:
+    def restore(self, records: Iterable[dict[str, Any]]) -> None:
         """Rebuild orders, positions, parked orders, halts and the kill switch from the journal."""
-        n = 0
         book = self.book
         for r in records:
-            n += 1
             kind, oid = r.get("kind"), r.get("id")
             order = book.orders.get(oid) if isinstance(oid, str) else None
             match kind:
@@ -137,7 +135,6 @@ class OrderDesk:
                 case "reconcile" if "positions" in r:
                     # The broker's positions, as adopted then; later fills move them on.
                     book.positions = dict(r["positions"])
-        return n
 
     def begin_session(self) -> None:
         wall = self.clock.wall_ns()
@@ -153,12 +150,8 @@ class OrderDesk:
         self.journal.sync()
 
     def status_request(self) -> wire.StatusRequest:
-        """Ask the broker about every order that the journal does not show as final."""
-        ids = [
-            o.cl_ord_id for o in self.book.orders.values() if o.state not in FINAL and o.state is not OrderState.PARKED
-        ]
-        ids = [i for i in ids if self.book.orders[i].state is not OrderState.INTENT]
-        return wire.StatusRequest(cl_ord_ids=ids, ts=self.clock.wall_ns())
+        """Ask the broker about every order sent and not yet final: the book's working orders."""
+        return wire.StatusRequest(cl_ord_ids=list(self.book.working), ts=self.clock.wall_ns())
 
     def reconcile(self, status: wire.Status) -> list[str]:
         """Bring orders and positions in line with the broker's word; returns the differences."""
