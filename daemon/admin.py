@@ -22,6 +22,7 @@ import structlog
 
 from daemon.config import AdminConfig
 from risk.errors import RiskError
+from risk.failover import FailoverReason
 
 if TYPE_CHECKING:
     from daemon.desk import OrderDesk
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("tradingd.admin")
 
 MAX_REQUEST_BYTES = 65536
-COMMANDS = ("status", "review_list", "review_approve", "review_reject", "halt", "resume", "kill")
+COMMANDS = ("status", "review_list", "review_approve", "review_reject", "halt", "resume", "kill", "failover")
 
 
 class RequestError(Exception):
@@ -133,15 +134,25 @@ class AdminServer:
                 return {"changed": desk.resume(_symbol(args), uid)}
             case "kill":
                 return {"cancels_sent": desk.kill_switch(uid)}
+            case "failover":
+                to = _string(args, "to")
+                if to not in ("primary", "standby"):
+                    raise RequestError(f"failover to {to!r}: must be 'primary' or 'standby'")
+                try:
+                    event = self.runtime.engines.switch(to, FailoverReason.OPERATOR, f"operator uid {uid}")
+                except LookupError as exc:
+                    raise RequestError(str(exc)) from exc
+                if event is not None:
+                    desk.record_failover(event, uid=uid)
+                return {"active": self.runtime.engines.active.name, "changed": event is not None}
             case _:
                 raise RequestError(f"unknown command {cmd!r}; known: {', '.join(COMMANDS)}")
 
     def _status(self) -> dict[str, Any]:
         s = self.runtime.stats
-        engine = self.runtime.engine
         return {
             **self.desk.status(),
-            "engine": {"active": engine.name, "model": engine.manifest.name, "backend": engine.backend},
+            "engine": self.runtime.engines.status(),
             "bars": {
                 "received": s.bars_received,
                 "accepted": s.bars_accepted,

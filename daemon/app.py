@@ -22,6 +22,7 @@ from broker.reconnect import Backoff
 from daemon.admin import AdminServer
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config, EngineConfig
+from daemon.engineset import EngineSet, FailoverEvent
 from daemon.errors import ConfigError
 from daemon.feed.ingest import FeedConnector
 from daemon.metrics import StatsCollector
@@ -29,6 +30,10 @@ from daemon.runtime import Runtime
 from daemon.stats import Stats
 from engines.base import Engine, EngineSpec
 from engines.chooser import build_engine, resolve_model
+from engines.errors import BackendUnavailableError, PlanError
+from engines.gpu_health import GpuMonitor
+from engines.inject import FaultInjectingEngine, Injection
+from risk.failover import FailoverPolicy, FailoverReason
 
 log = structlog.get_logger("tradingd.app")
 
@@ -37,7 +42,7 @@ def engine_spec(name: str, cfg: EngineConfig) -> EngineSpec:
     return EngineSpec(
         name=name,
         backend=cfg.backend,
-        model=resolve_model(cfg.model),
+        model=resolve_model(cfg.model, cfg.backend),
         batch_buckets=cfg.batch_buckets,
         intra_op_threads=cfg.intra_op_threads,
         inter_op_threads=cfg.inter_op_threads,
@@ -47,14 +52,24 @@ def engine_spec(name: str, cfg: EngineConfig) -> EngineSpec:
     )
 
 
+def build_configured(name: str, cfg: EngineConfig) -> Engine:
+    engine = build_engine(engine_spec(name, cfg))
+    if cfg.inject is not None:
+        i = cfg.inject
+        engine = FaultInjectingEngine(engine, Injection(i.kind, i.after_batches, i.batches, i.latency_ms))
+        log.warning("engine_fault_injection", engine=name, kind=i.kind, after_batches=i.after_batches)
+    return engine
+
+
 class Daemon:
     def __init__(self, config: Config, *, clock: Clock | None = None, config_file: str = "(config)") -> None:
         self.config = config
         self.config_file = config_file
         self.clock = clock or SystemClock()
         self.stats = Stats()
-        self.engine: Engine | None = None
-        self.standby: Engine | None = None
+        self.engines: EngineSet | None = None
+        self.gpu: GpuMonitor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.runtime: Runtime | None = None
         self.gateway: GatewayClient | None = None
         self.metrics_port: int | None = None
@@ -67,49 +82,36 @@ class Daemon:
 
     async def start(self, status: Callable[[str], None] = lambda _: None) -> None:
         cfg = self.config
+        self._loop = asyncio.get_running_loop()
         status("loading engines")
-        self.engine = await asyncio.to_thread(build_engine, engine_spec("primary", cfg.engine.primary))
-        if cfg.batch.max_batch > self.engine.buckets[-1]:
-            raise ConfigError(
-                self.config_file,
-                "batch.max_batch",
-                f"{cfg.batch.max_batch} exceeds the engine's largest batch bucket {self.engine.buckets[-1]}",
-            )
-        if cfg.engine.standby is not None:
-            self.standby = await asyncio.to_thread(build_engine, engine_spec("standby", cfg.engine.standby))
-            for field in ("window", "feature_names"):
-                if getattr(self.standby.manifest, field) != getattr(self.engine.manifest, field):
-                    raise ConfigError(
-                        self.config_file,
-                        "engine.standby.model",
-                        f"{field} differs from the primary's",
-                    )
+        self.engines = engines = await asyncio.to_thread(self._load_engines)
         status("warming engines")
-        for engine in (self.engine, self.standby):
-            if engine is not None:
-                await asyncio.to_thread(engine.warm_up)
-                m = engine.manifest
-                log.info(
-                    "engine_ready",
-                    engine=engine.name,
-                    backend=engine.backend,
-                    model=m.name,
-                    version=m.version,
-                    sha256=m.sha256[:16],
-                    buckets=list(engine.buckets),
-                    window=m.window,
-                    features=list(m.feature_names),
-                )
+        for engine in engines.engines:
+            await asyncio.to_thread(engine.warm_up)
+            m = engine.manifest
+            log.info(
+                "engine_ready",
+                engine=engine.name,
+                backend=engine.backend,
+                model=m.name,
+                version=m.version,
+                sha256=m.sha256[:16],
+                buckets=list(engine.buckets),
+                window=m.window,
+                features=list(m.feature_names),
+                health=engine.health().detail,
+            )
         status("replaying journal")
         journal_path = Path(cfg.journal.path)
         records, torn = await asyncio.to_thread(recover_journal, journal_path)
         if torn:
             log.warning("journal_torn_tail", path=str(journal_path), bytes_cut=torn)
         self._journal = Journal(journal_path, cfg.journal.fsync)
-        self.runtime = runtime = Runtime(cfg, self.engine, self.clock, self._journal, self.stats)
+        self.runtime = runtime = Runtime(cfg, engines, self.clock, self._journal, self.stats)
         desk = runtime.desk
         desk.restore(records)
         desk.begin_session()
+        self._settle_active_engine(desk.engine_active)
         log.info(
             "journal_replayed",
             path=str(journal_path),
@@ -171,6 +173,82 @@ class Daemon:
         )
         status("running")
 
+    def _load_engines(self) -> EngineSet:
+        """Primary and standby; a primary that cannot run here leaves the standby serving."""
+        cfg = self.config
+        primary: Engine | None = None
+        primary_error: str | None = None
+        try:
+            primary = build_configured("primary", cfg.engine.primary)
+        except (BackendUnavailableError, PlanError) as exc:
+            if cfg.engine.standby is None:
+                raise
+            primary_error = str(exc)
+            log.error("primary_engine_unavailable", backend=cfg.engine.primary.backend, error=primary_error)
+        standby = build_configured("standby", cfg.engine.standby) if cfg.engine.standby is not None else None
+        if primary is not None and standby is not None:
+            for field in ("window", "feature_names"):
+                if getattr(standby.manifest, field) != getattr(primary.manifest, field):
+                    raise ConfigError(self.config_file, "engine.standby.model", f"{field} differs from the primary's")
+        first = primary or standby
+        assert first is not None
+        fo = cfg.engine.failover
+        budget_us = fo.budget_us or first.manifest.budget_us
+        policy = FailoverPolicy(budget_us * 1000, fo.misses, fo.window)
+        engines = EngineSet(primary, standby, policy, self.clock.mono_ns, primary_error=primary_error)
+        if cfg.batch.max_batch > engines.max_rows:
+            raise ConfigError(
+                self.config_file,
+                "batch.max_batch",
+                f"{cfg.batch.max_batch} exceeds the engines' largest batch bucket {engines.max_rows}",
+            )
+        self._start_gpu_monitor(engines)
+        return engines
+
+    def _start_gpu_monitor(self, engines: EngineSet) -> None:
+        cfg = self.config
+        trt = [e for e, c in ((engines.primary, cfg.engine.primary), (engines.standby, cfg.engine.standby)) if e and c]
+        if not any(e.backend == "tensorrt" for e in trt):
+            return
+        g = cfg.engine.gpu
+        loop = self._loop
+        assert loop is not None
+
+        def on_fault(detail: str) -> None:
+            loop.call_soon_threadsafe(self._on_gpu_fault, detail)
+
+        self.gpu = GpuMonitor(cfg.engine.primary.device, g.poll_s, g.max_temperature_c, on_fault)
+        facts = self.gpu.latest
+        assert facts is not None
+        log.info("gpu", **facts.as_dict())
+        if facts.ecc_enabled is False:
+            if g.require_ecc:
+                raise ConfigError(self.config_file, "engine.gpu.require_ecc", f"ECC is off on {facts.name}")
+            log.error("gpu_ecc_off", gpu=facts.name, detail="memory errors on this GPU go undetected")
+        self.gpu.start()
+
+    def _on_gpu_fault(self, detail: str) -> None:
+        engines, runtime = self.engines, self.runtime
+        if engines is None or runtime is None or engines.standby is None or engines.active is not engines.primary:
+            return
+        event = engines.switch("standby", FailoverReason.GPU_HEALTH, detail)
+        if event is not None:
+            runtime.desk.record_failover(event)
+
+    def _settle_active_engine(self, journaled: str | None) -> None:
+        """Start on the standby when the primary is unavailable, or when the journal says it was
+        failed over and no operator has failed back since."""
+        engines, runtime = self.engines, self.runtime
+        assert engines is not None and runtime is not None
+        if engines.primary is None and engines.standby is not None:
+            # The standby is serving from the start: journal, count and log the primary's absence.
+            event = FailoverEvent("primary", "standby", FailoverReason.UNAVAILABLE, engines.primary_error or "")
+            engines.events.append(event)
+            runtime.desk.record_failover(event)
+        elif journaled == "standby" and engines.standby is not None and engines.active is not engines.standby:
+            engines.switch("standby", FailoverReason.OPERATOR, "restored from the journal")
+            log.warning("engine_standby_restored", detail="failed over before the restart; `tradingd failover primary`")
+
     async def _expire_reviews(self) -> None:
         desk = self.runtime.desk if self.runtime else None
         while desk is not None and not self._stop.is_set():
@@ -185,7 +263,7 @@ class Daemon:
         desk = self.runtime.desk if self.runtime else None
         registry.register(
             StatsCollector(
-                self.stats, lambda: self.engine.name if self.engine else "none", desk.status if desk else None
+                self.stats, self.engines.status if self.engines else None, desk.status if desk else None, self.gpu
             )
         )
         m = self.config.metrics
@@ -229,8 +307,10 @@ class Daemon:
             runtime.close()
         if self._journal is not None:
             self._journal.close()
-        for engine in (self.engine, self.standby):
-            if engine is not None:
+        if self.gpu is not None:
+            self.gpu.close()
+        if self.engines is not None:
+            for engine in self.engines.engines:
                 engine.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()

@@ -14,9 +14,9 @@ import orjson
 import structlog
 import uvloop
 
-from daemon.errors import EX_CONFIG, ConfigError
+from daemon.errors import EX_CONFIG, EX_UNAVAILABLE, ConfigError
 from daemon.logs import configure_logging
-from engines.errors import EngineError, ManifestError, ModelMismatchError
+from engines.errors import BackendUnavailableError, EngineError, ManifestError, ModelMismatchError
 
 # The export extra's default buckets, without importing torch to print --help.
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256)
@@ -227,6 +227,28 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return _admin(args, {"cmd": "kill"})
 
 
+def cmd_failover(args: argparse.Namespace) -> int:
+    return _admin(args, {"cmd": "failover", "to": args.to})
+
+
+def cmd_model_build_plan(args: argparse.Namespace) -> int:
+    from engines.plan import build_plan  # noqa: PLC0415
+
+    onnx = Path(args.onnx)
+    out = Path(args.out) if args.out else onnx.with_suffix(".plan")
+    build = build_plan(
+        onnx,
+        out,
+        workspace_mib=args.workspace_mib,
+        fp16=args.fp16,
+        progress=lambda m: print(f"build-plan: {m}", file=sys.stderr, flush=True),
+    )
+    import msgspec  # noqa: PLC0415
+
+    print(msgspec.json.format(msgspec.json.encode(build), indent=2).decode())
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -297,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_halt)
     p = sub.add_parser("kill", parents=[admin], help="halt everything and cancel every working order")
     p.set_defaults(func=cmd_kill)
+    p = sub.add_parser("failover", parents=[admin], help="switch inference to the primary or the standby engine")
+    p.add_argument("to", choices=["primary", "standby"])
+    p.set_defaults(func=cmd_failover)
 
     model = sub.add_parser("model", help="signal model tools (need the export extra)")
     msub = model.add_subparsers(dest="model_command", required=True)
@@ -318,6 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
     p.set_defaults(func=cmd_model_train)
+    p = msub.add_parser(
+        "build-plan",
+        help="build a version-compatible TensorRT plan (full TensorRT and a GPU) and record it in the manifest",
+    )
+    p.add_argument("onnx", help="the exported model.onnx, with its manifest beside it")
+    p.add_argument("--out", help="the plan to write (default: beside the ONNX, .plan)")
+    p.add_argument("--workspace-mib", type=int, default=1024)
+    p.add_argument("--fp16", action="store_true", help="allow fp16 kernels (TensorRT 10 only)")
+    p.set_defaults(func=cmd_model_build_plan)
     return parser
 
 
@@ -334,6 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ManifestError, ModelMismatchError) as exc:
         print(f"tradingd: model error: {exc}", file=sys.stderr)
         return EX_CONFIG
+    except BackendUnavailableError as exc:
+        print(f"tradingd: engine unavailable: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except EngineError as exc:
         print(f"tradingd: engine error: {exc}", file=sys.stderr)
         return 1

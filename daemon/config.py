@@ -43,8 +43,17 @@ class BatchConfig(_Section, frozen=True):
     max_delay_us: Annotated[int, msgspec.Meta(ge=0)] = 1000
 
 
+class InjectConfig(_Section, frozen=True):
+    """A fault injected into this engine, for failover drills and tests (never in production)."""
+
+    kind: Literal["latency", "exception", "nan"]
+    after_batches: Annotated[int, msgspec.Meta(ge=0)] = 0
+    batches: Annotated[int, msgspec.Meta(ge=0)] = 0
+    latency_ms: PositiveFloat = 10.0
+
+
 class EngineConfig(_Section, frozen=True):
-    backend: Literal["onnxruntime"] = "onnxruntime"
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     model: str = "builtin"
     sha256: str | None = None
     batch_buckets: tuple[PositiveInt, ...] | None = None
@@ -52,11 +61,29 @@ class EngineConfig(_Section, frozen=True):
     inter_op_threads: PositiveInt = 1
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     allow_spinning: bool = False
+    device: Annotated[int, msgspec.Meta(ge=0)] = 0
+    inject: InjectConfig | None = None
+
+
+class FailoverConfig(_Section, frozen=True):
+    budget_us: PositiveInt | None = None  # default: the primary manifest's budget_us (5000)
+    misses: PositiveInt = 3
+    window: PositiveInt = 20
+
+
+class GpuConfig(_Section, frozen=True):
+    """GPU health through NVML (only where a tensorrt engine is configured)."""
+
+    poll_s: PositiveFloat = 1.0
+    require_ecc: bool = False
+    max_temperature_c: PositiveInt = 87
 
 
 class EnginesConfig(_Section, frozen=True):
     primary: EngineConfig = EngineConfig()
     standby: EngineConfig | None = None
+    failover: FailoverConfig = FailoverConfig()
+    gpu: GpuConfig = GpuConfig()
 
 
 class SignalConfig(_Section, frozen=True):
@@ -185,9 +212,16 @@ def _check(config: Config, file: str) -> None:
     bench = config.risk.halt.benchmark
     if bench is not None and bench not in symbols:
         raise ConfigError(file, "risk.halt.benchmark", f"{bench!r} is not in universe.symbols")
-    buckets = config.engine.primary.batch_buckets
-    if buckets is not None and list(buckets) != sorted(set(buckets)):
-        raise ConfigError(file, "engine.primary.batch_buckets", f"must be strictly increasing: {list(buckets)}")
+    for name in ("primary", "standby"):
+        engine = getattr(config.engine, name)
+        buckets = engine.batch_buckets if engine is not None else None
+        if buckets is not None and list(buckets) != sorted(set(buckets)):
+            raise ConfigError(file, f"engine.{name}.batch_buckets", f"must be strictly increasing: {list(buckets)}")
+    fo = config.engine.failover
+    if fo.misses > fo.window:
+        raise ConfigError(file, "engine.failover.misses", f"{fo.misses} exceeds engine.failover.window {fo.window}")
+    if config.engine.standby is not None and config.engine.standby.inject is not None:
+        raise ConfigError(file, "engine.standby.inject", "faults are injected into the primary only")
 
 
 def load_config(path: Path) -> Config:

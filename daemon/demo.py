@@ -137,8 +137,9 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             daemon = Daemon(config, config_file="(demo defaults)")
             started = time.perf_counter()
             await daemon.start(status=lambda s: _progress(progress, f"demo: {s}"))
-            runtime, stats, engine = daemon.runtime, daemon.stats, daemon.engine
-            assert runtime is not None and engine is not None
+            runtime, stats = daemon.runtime, daemon.stats
+            assert runtime is not None and daemon.engines is not None
+            engine = daemon.engines.active
             replay_started = time.perf_counter()
             last_shown = 0.0
             while not (stats.minute_ends >= total_minutes and runtime.idle_event.is_set()):

@@ -21,6 +21,7 @@ from broker.orders import FINAL, Order, OrderBook, OrderState
 from daemon.batcher import Batch
 from daemon.clock import Clock
 from daemon.config import Config, RiskConfig
+from daemon.engineset import FailoverEvent
 from daemon.policy import CLASS_NAMES, SignalPolicy
 from daemon.stats import Stats
 from daemon.windows import FeatureWindows
@@ -93,6 +94,7 @@ class OrderDesk:
         self._gross = 0.0
         self._outbox: list[tuple[Order, dict[str, Any]]] = []
         self.halt_log: list[HaltEvent] = []
+        self.engine_active: str | None = None  # the journal's word on which engine was serving
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -132,6 +134,8 @@ class OrderDesk:
                     self.halts.restore(HaltEvent(kind, r.get("symbol"), r["ts_event"], r["reason"], r.get("close")))
                 case "kill":
                     self.kill = bool(r["on"])
+                case "failover":
+                    self.engine_active = str(r["to"])
                 case "reconcile" if "positions" in r:
                     # The broker's positions, as adopted then; later fills move them on.
                     book.positions = dict(r["positions"])
@@ -453,6 +457,37 @@ class OrderDesk:
             self.stats.broker_disconnects += 1
             self.reconciled = False
         log.info("broker_" + kind, detail=detail)
+
+    # -- engines --------------------------------------------------------------------------
+
+    def record_failover(self, event: FailoverEvent, rows: int = 0, uid: int | None = None) -> None:
+        """Journal, count and log an engine switch (automatic or by an operator)."""
+        self.journal.append(
+            "failover",
+            self.clock.wall_ns(),
+            **{"from": event.from_engine},
+            to=event.to_engine,
+            reason=str(event.reason),
+            detail=event.detail,
+            rerun=event.rerun,
+            rows=rows,
+            uid=uid,
+        )
+        self.journal.sync()
+        self.engine_active = event.to_engine
+        self.stats.failovers[str(event.reason)] += 1
+        if event.rerun:
+            self.stats.rerun_batches += 1
+        log.error(
+            "engine_failover",
+            **{"from": event.from_engine},
+            to=event.to_engine,
+            reason=str(event.reason),
+            detail=event.detail,
+            batch_rerun=event.rerun,
+            rows=rows,
+            uid=uid,
+        )
 
     # -- operators ------------------------------------------------------------------------
 

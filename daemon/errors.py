@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: systemd's RestartPreventExitStatus keeps it down
+EX_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE: a backend this configuration needs cannot run here
 
 
 class DaemonError(Exception):

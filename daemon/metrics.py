@@ -6,12 +6,18 @@ Nothing is computed per bar for Prometheus; the registry is injected so tests us
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from daemon.stats import LatencyRecorder, Stats
+
+if TYPE_CHECKING:
+    from engines.gpu_health import GpuMonitor
+
+ENGINE_ROLES = ("primary", "standby")
+FAILOVER_REASONS = ("exception", "nonfinite", "deadline", "gpu_health", "unavailable", "operator")
 
 
 def _histogram(name: str, doc: str, rec: LatencyRecorder) -> HistogramMetricFamily:
@@ -25,11 +31,16 @@ def _histogram(name: str, doc: str, rec: LatencyRecorder) -> HistogramMetricFami
 
 class StatsCollector(Collector):
     def __init__(
-        self, stats: Stats, active_engine: Callable[[], str], desk_state: Callable[[], dict[str, Any]] | None = None
+        self,
+        stats: Stats,
+        engines_state: Callable[[], dict[str, Any]] | None = None,
+        desk_state: Callable[[], dict[str, Any]] | None = None,
+        gpu: GpuMonitor | None = None,
     ) -> None:
         self._stats = stats
-        self._active_engine = active_engine
+        self._engines_state = engines_state
         self._desk_state = desk_state
+        self._gpu = gpu
 
     def collect(self) -> Iterator[Any]:
         s = self._stats
@@ -95,6 +106,65 @@ class StatsCollector(Collector):
                 "1 while the broker connection is up and reconciled",
                 value=float(desk["broker_connected"] and desk["reconciled"]),
             )
-        engine = GaugeMetricFamily("tradingd_active_engine", "Engine serving inference", labels=["engine"])
-        engine.add_metric([self._active_engine()], 1)
-        yield engine
+        failovers = CounterMetricFamily("tradingd_failovers", "Engine switches by reason", labels=["reason"])
+        for reason in FAILOVER_REASONS:
+            failovers.add_metric([reason], s.failovers[reason])
+        yield failovers
+        yield CounterMetricFamily(
+            "tradingd_failover_rerun_batches",
+            "Batches re-run on the standby after a primary fault",
+            value=s.rerun_batches,
+        )
+        if self._engines_state is not None:
+            state = self._engines_state()
+            active = GaugeMetricFamily(
+                "tradingd_active_engine", "1 for the engine serving inference", labels=["engine"]
+            )
+            loaded = GaugeMetricFamily("tradingd_engine_loaded", "1 for each engine loaded and warm", labels=["engine"])
+            for role in ENGINE_ROLES:
+                active.add_metric([role], float(state["active"] == role))
+                one = state.get(role)
+                loaded.add_metric([role], float(bool(one and one.get("loaded"))))
+            yield active
+            yield loaded
+        if self._gpu is not None and self._gpu.latest is not None:
+            yield from _gpu_metrics(self._gpu)
+
+
+def _gpu_metrics(monitor: GpuMonitor) -> Iterator[Any]:
+    g = monitor.latest
+    assert g is not None
+    gpu = str(g.index)
+    for name, doc, value in (
+        ("tradingd_gpu_temperature_celsius", "GPU temperature", g.temperature_c),
+        (
+            "tradingd_gpu_utilization_ratio",
+            "GPU utilisation (0-1)",
+            None if g.utilization_pct is None else g.utilization_pct / 100,
+        ),
+        ("tradingd_gpu_memory_used_bytes", "GPU memory in use", g.memory_used_bytes),
+        ("tradingd_gpu_memory_total_bytes", "GPU memory", g.memory_total_bytes),
+        ("tradingd_gpu_sm_clock_hertz", "GPU SM clock", None if g.sm_clock_mhz is None else g.sm_clock_mhz * 1e6),
+        ("tradingd_gpu_power_watts", "GPU power draw", g.power_w),
+        ("tradingd_gpu_ecc_enabled", "1 while ECC is on", None if g.ecc_enabled is None else float(g.ecc_enabled)),
+        (
+            "tradingd_gpu_remapped_rows_uncorrectable",
+            "Rows remapped for uncorrectable errors",
+            g.remapped_rows_uncorrectable,
+        ),
+        ("tradingd_gpu_faulted", "1 once a GPU health fault was seen", float(monitor.faulted is not None)),
+    ):
+        if value is not None:
+            family = GaugeMetricFamily(name, doc, labels=["gpu"])
+            family.add_metric([gpu], float(value))
+            yield family
+    ecc = GaugeMetricFamily("tradingd_gpu_ecc_errors", "ECC error counts", labels=["gpu", "kind", "counter"])
+    for kind in ("uncorrected", "corrected"):
+        for counter in ("volatile", "aggregate"):
+            value = getattr(g, f"ecc_{counter}_{kind}")
+            if value is not None:
+                ecc.add_metric([gpu, kind, counter], float(value))
+    yield ecc
+    xids = CounterMetricFamily("tradingd_gpu_xid_events", "Xid critical error events seen", labels=["gpu"])
+    xids.add_metric([gpu], len(monitor.xids))
+    yield xids

@@ -13,7 +13,6 @@ or a whole extra batch is already waiting.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from daemon.batcher import Batch, Batcher
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.desk import OrderDesk
+from daemon.engineset import EngineSet, Outcome
 from daemon.feed.ingest import FeedProtocol
 from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, Rejected, RejectReason, UnknownType
 from daemon.policy import CLASS_NAMES, HOLD, classify
@@ -46,6 +46,7 @@ def _worth_logging(n: int) -> bool:
 @dataclass(slots=True)
 class _InFlight:
     batch: Batch
+    engine: Engine
     bucket: int
 
 
@@ -53,19 +54,19 @@ class Runtime:
     def __init__(
         self,
         config: Config,
-        engine: Engine,
+        engines: EngineSet,
         clock: Clock,
         journal: Journal,
         stats: Stats | None = None,
     ) -> None:
         self.config = config
-        self.engine = engine
+        self.engines = engines
         self.clock = clock
         self.stats = stats or Stats()
-        manifest = engine.manifest
+        manifest = engines.reference.manifest
         self.symbols = config.universe.symbols
         self.windows = FeatureWindows(self.symbols, manifest.window, manifest.features)
-        max_batch = min(config.batch.max_batch, engine.buckets[-1])
+        max_batch = min(config.batch.max_batch, engines.max_rows)
         self.batcher = Batcher(len(self.symbols), max_batch, config.batch.max_delay_us * 1000)
         self.desk = OrderDesk(config, self.windows, clock, journal, self.stats)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tradingd-infer")
@@ -200,18 +201,16 @@ class Runtime:
 
     def _start(self, batch: Batch) -> None:
         n = len(batch)
-        bucket = self.engine.bucket_for(n)
-        self.windows.gather(batch.symbols, self.engine.input_buffer(bucket)[:n])
+        engine, bucket, buf = self.engines.input_buffer(n)
+        self.windows.gather(batch.symbols, buf[:n])
         ts_start = self.clock.mono_ns()
         for ts in batch.ts_recv:
             self.stats.batch_wait.record(ts_start - ts)
-        self._inflight = _InFlight(batch, bucket)
-        future = asyncio.get_running_loop().run_in_executor(
-            self._executor, _timed_infer, self.engine, bucket, self.clock.mono_ns
-        )
+        self._inflight = _InFlight(batch, engine, bucket)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self.engines.run, engine, bucket, n)
         future.add_done_callback(self._on_inferred)
 
-    def _on_inferred(self, future: asyncio.Future[tuple[npt.NDArray[np.float32], int]]) -> None:
+    def _on_inferred(self, future: asyncio.Future[Outcome]) -> None:
         inflight, self._inflight = self._inflight, None
         assert inflight is not None
         batch = inflight.batch
@@ -222,11 +221,13 @@ class Runtime:
         exc = future.exception()
         if exc is not None:
             s.infer_failures += 1
-            log.error("inference_failed", engine=self.engine.name, rows=n, error=str(exc))
+            log.error("inference_failed", engine=inflight.engine.name, rows=n, error=str(exc))
         else:
-            logits, elapsed_ns = future.result()
-            s.infer.record(elapsed_ns)
-            self._act(batch, logits[:n])
+            outcome = future.result()
+            s.infer.record(outcome.elapsed_ns)
+            if outcome.event is not None:
+                self.desk.record_failover(outcome.event, rows=n)
+            self._act(batch, outcome.logits[:n], outcome.engine)
         self._flush()
         self._backpressure()
 
@@ -266,11 +267,11 @@ class Runtime:
     def book(self) -> OrderBook:
         return self.desk.book
 
-    def _act(self, batch: Batch, logits: npt.NDArray[np.float32]) -> None:
+    def _act(self, batch: Batch, logits: npt.NDArray[np.float32], engine: str) -> None:
         s = self.stats
         if not np.isfinite(logits).all():
             s.infer_nonfinite += 1
-            log.error("inference_nonfinite", engine=self.engine.name, rows=len(batch))
+            log.error("inference_nonfinite", engine=engine, rows=len(batch))
             return
         cls, conf = classify(logits)
         counts = np.bincount(cls, minlength=3)
@@ -284,9 +285,3 @@ class Runtime:
         if self._timer is not None:
             self._timer.cancel()
         self._executor.shutdown(wait=True)
-
-
-def _timed_infer(engine: Engine, bucket: int, now_ns: Callable[[], int]) -> tuple[npt.NDArray[np.float32], int]:
-    started = now_ns()
-    logits = engine.infer(bucket)
-    return logits, now_ns() - started

@@ -114,6 +114,8 @@ class Stats:
     reviews_rejected: int = 0
     reviews_expired: int = 0
     broker_disconnects: int = 0
+    failovers: Counter[str] = field(default_factory=Counter)
+    rerun_batches: int = 0
     tick_to_order: LatencyRecorder = field(default_factory=LatencyRecorder)
     infer: LatencyRecorder = field(default_factory=LatencyRecorder)
     batch_wait: LatencyRecorder = field(default_factory=LatencyRecorder)

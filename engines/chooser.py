@@ -7,17 +7,22 @@ from pathlib import Path
 from engines.base import Engine, EngineSpec
 from engines.errors import BackendUnavailableError
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "tensorrt")
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "qwen-signal-v1" / "model.onnx"
 
 
-def resolve_model(model: str) -> Path:
-    """``builtin`` (or ``builtin:NAME``) names a model shipped with tradingd; anything else is a path."""
+def resolve_model(model: str, backend: str = "onnxruntime") -> Path:
+    """``builtin`` (or ``builtin:NAME``) names a model shipped with tradingd; anything else is a path.
+
+    For the tensorrt backend a builtin model means its plan, ``model.plan``, which
+    ``tradingd model build-plan`` writes beside the ONNX file on the GPU server.
+    """
+    filename = "model.plan" if backend == "tensorrt" else "model.onnx"
     if model == "builtin":
-        return DEFAULT_MODEL
+        return DEFAULT_MODEL.with_name(filename)
     if model.startswith("builtin:"):
-        return MODELS_DIR / model.removeprefix("builtin:") / "model.onnx"
+        return MODELS_DIR / model.removeprefix("builtin:") / filename
     return Path(model)
 
 
@@ -28,5 +33,9 @@ def build_engine(spec: EngineSpec) -> Engine:
             from engines.onnxruntime import OnnxRuntimeEngine  # noqa: PLC0415
 
             return OnnxRuntimeEngine(spec)
+        case "tensorrt":
+            from engines.tensorrt import TensorRTEngine  # noqa: PLC0415
+
+            return TensorRTEngine(spec)
         case other:
             raise BackendUnavailableError(f"unknown engine backend {other!r}; available: {list(BACKENDS)}")

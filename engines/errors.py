@@ -34,3 +34,7 @@ class BackendUnavailableError(EngineError):
 
 class InferenceError(EngineError):
     """A single inference call failed."""
+
+
+class PlanError(EngineError):
+    """A TensorRT plan cannot run here: built for another TensorRT or GPU, or not loadable."""

@@ -48,9 +48,16 @@ class OutputSpec(TensorSpec, frozen=True, forbid_unknown_fields=True):
 
 
 class TensorRTBuild(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The plan built from ``model_file`` by ``tradingd model build-plan``."""
+
     version: str
     compute_capability: str
     version_compatible: bool
+    plan_file: str
+    plan_sha256: str
+    hardware_compatible: bool = False
+    precision: Literal["fp32", "fp16"] = "fp16"
+    gpu: str = ""
 
 
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -97,7 +104,11 @@ def sha256_file(path: Path) -> str:
 
 
 def load_manifest(model_path: Path) -> Manifest:
-    """Read and validate the manifest beside ``model_path``; check the model file's hash."""
+    """Read and validate the manifest beside ``model_path``; check the model file's hash.
+
+    ``model_path`` is the ONNX model or, for the TensorRT backend, the plan built from it
+    (``*.plan``), whose hash is the manifest's ``tensorrt.plan_sha256``.
+    """
     path = manifest_path_for(model_path)
     if not path.is_file():
         raise ManifestError(str(path), "(file)", f"no manifest beside model {model_path}")
@@ -112,7 +123,12 @@ def load_manifest(model_path: Path) -> Manifest:
     if not model_path.is_file():
         raise ManifestError(str(path), "model_file", f"model file {model_path} does not exist")
     actual = sha256_file(model_path)
-    if actual != manifest.sha256:
+    if model_path.suffix == ".plan":
+        if manifest.tensorrt is None:
+            raise ManifestError(str(path), "tensorrt", "no TensorRT build recorded for this plan")
+        if actual != manifest.tensorrt.plan_sha256:
+            raise ModelMismatchError(str(model_path), "tensorrt.plan_sha256", manifest.tensorrt.plan_sha256, actual)
+    elif actual != manifest.sha256:
         raise ModelMismatchError(str(model_path), "sha256", manifest.sha256, actual)
     return manifest
 

@@ -50,10 +50,18 @@ def test_example_config_loads_and_shows_every_key() -> None:
         "engine.standby",
         "risk.halt.benchmark",
         "risk.halt.cooloff_s",  # shown commented out
+        "engine.failover.budget_us",
+        "engine.primary.inject",
     }
     missing = _fields(Config) - documented
     assert not missing, f"deploy/tradingd.example.toml does not document {sorted(missing)}"
-    for key in ("engine.standby", "engine.primary.sha256", "engine.primary.batch_buckets"):
+    for key in (
+        "engine.standby",
+        "engine.primary.sha256",
+        "engine.primary.batch_buckets",
+        "engine.failover.budget_us",
+        "engine.primary.inject",
+    ):
         assert key.rsplit(".", 1)[-1] in EXAMPLE.read_text()
 
 
