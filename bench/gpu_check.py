@@ -117,12 +117,22 @@ def copies(buckets: tuple[int, ...], window: int, features: int, iters: int) -> 
         page_in, page_out = np.zeros((b, window, features), np.float32), np.zeros((b, 3), np.float32)
         dev_in, dev_out = DeviceArray(pin_in.nbytes), DeviceArray(pin_out.nbytes)
 
-        def pinned(pin_in: PinnedArray = pin_in, pin_out: PinnedArray = pin_out) -> None:
+        def pinned(
+            pin_in: PinnedArray = pin_in,
+            pin_out: PinnedArray = pin_out,
+            dev_in: DeviceArray = dev_in,
+            dev_out: DeviceArray = dev_out,
+        ) -> None:
             stream.copy_in(dev_in, pin_in.ptr, pin_in.nbytes)
             stream.copy_out(pin_out.ptr, dev_out, pin_out.nbytes)
             stream.synchronize()
 
-        def pageable(page_in: np.ndarray = page_in, page_out: np.ndarray = page_out) -> None:
+        def pageable(
+            page_in: np.ndarray = page_in,
+            page_out: np.ndarray = page_out,
+            dev_in: DeviceArray = dev_in,
+            dev_out: DeviceArray = dev_out,
+        ) -> None:
             stream.copy_in(dev_in, page_in.ctypes.data, page_in.nbytes)
             stream.copy_out(page_out.ctypes.data, dev_out, page_out.nbytes)
             stream.synchronize()
@@ -218,12 +228,12 @@ def qwen_fp16(buckets: tuple[int, ...], window: int, features: int, iters: int) 
         delta = float(np.abs(got - ref).max())
         agree = float((got.argmax(1) == ref.argmax(1)).mean())
 
-        def eager_step() -> None:
+        def eager_step(static_in: Any = static_in) -> None:
             with torch.no_grad():
                 model(static_in)
             torch.cuda.synchronize()
 
-        def graph_step() -> None:
+        def graph_step(graph: Any = graph) -> None:
             graph.replay()
             torch.cuda.synchronize()
 
@@ -248,6 +258,7 @@ def qwen_fp16(buckets: tuple[int, ...], window: int, features: int, iters: int) 
 def lean_runtime() -> dict[str, Any]:
     from engines.tensorrt import _collecting_logger, import_tensorrt  # noqa: PLC0415
 
+    probe_device()  # TensorRT on a machine where CUDA cannot start crashes at exit
     trt, flavor = import_tensorrt()
     logger = _collecting_logger(trt)
     runtime = trt.Runtime(logger)
@@ -270,6 +281,11 @@ def section(name: str, fn: Callable[[], Any], results: dict[str, Any]) -> None:
         results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         print(f"gpu_check: {name} FAILED: {exc}", flush=True)
     print(f"gpu_check: {name} done in {time.perf_counter() - t0:.1f} s", flush=True)
+    out = results.get("_out")
+    if isinstance(out, Path):  # written after every section, so a crash loses nothing before it
+        (out / "gpu_check.json").write_text(
+            json.dumps({k: v for k, v in results.items() if k != "_out"}, indent=1, default=str)
+        )
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -348,6 +364,7 @@ def main() -> int:
         "python": platform.python_version(),
         "iters": args.iters,
         "buckets": list(buckets),
+        "_out": args.out,
     }
     section("device", _facts, results)
     section("nvml", _nvml, results)
@@ -356,6 +373,7 @@ def main() -> int:
     section("graphs", lambda: graphs(buckets, window, features, cc, args.iters), results)
     section("qwen_fp16", lambda: qwen_fp16(buckets, window, features, args.iters), results)
     section("tensorrt_lean", lean_runtime, results)
+    del results["_out"]
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / "gpu_check.md").write_text(markdown(results))
     print(markdown(results))

@@ -102,10 +102,11 @@ def _collecting_logger(trt: ModuleType) -> Any:
             self.errors: list[str] = []
 
         def log(self, severity: Any, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.ERROR:
+            level = int(severity)
+            if level <= int(trt.ILogger.Severity.ERROR):
                 self.errors.append(msg)
                 log.error("tensorrt", message=msg)
-            elif severity == trt.ILogger.Severity.WARNING:
+            elif level == int(trt.ILogger.Severity.WARNING):
                 log.warning("tensorrt", message=msg)
 
     return Logger()
