@@ -86,10 +86,12 @@ def probe_device(index: int = 0) -> DeviceFacts:
     runtime = check(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
     if driver == 0:
         raise NoGpuError("no GPU: no NVIDIA driver is installed (libcuda.so.1 cannot be loaded)")
-    if driver < runtime:
+    # CUDA's minor version compatibility: any driver of the runtime's major version will do
+    # (a 13.3 runtime runs on a 13.0 driver, as seen on the GPU check's H200).
+    if driver // 1000 < runtime // 1000:
         raise DriverTooOldError(
             f"GPU driver too old: it supports CUDA {_cuda_version(driver)}, "
-            f"this CUDA runtime needs {_cuda_version(runtime)}; upgrade the NVIDIA driver"
+            f"this CUDA runtime needs CUDA {runtime // 1000}.x; upgrade the NVIDIA driver"
         )
     err, count = rt.cudaGetDeviceCount()
     if err == rt.cudaError_t.cudaErrorNoDevice or (err == rt.cudaError_t.cudaSuccess and count == 0):

@@ -38,7 +38,7 @@ def test_probe_device_names_the_gpu_and_its_compute_capability(gpu: object) -> N
     assert gpu.name and gpu.total_memory > 1 << 30
     major, minor = (int(x) for x in gpu.compute_capability.split("."))
     assert major >= 5 and minor >= 0
-    assert gpu.driver_cuda >= gpu.runtime_cuda
+    assert gpu.driver_cuda // 1000 >= gpu.runtime_cuda // 1000
 
 
 def test_pinned_batch_round_trips_through_device_memory_on_one_stream(gpu: object) -> None:
