@@ -264,9 +264,12 @@ class TensorRTEngine:
 
 
 # Every TensorRT runtime call the backend makes: (class, member) -> the parameter names it
-# passes, or "property". tests/test_tensorrt_backend.py checks each against the installed lean
+# passes, or "property", "enum", "enum value". tests/test_tensorrt_backend.py checks each against the installed lean
 # runtime's own signatures, and checks that this module calls nothing outside this table.
 TENSORRT_RUNTIME_API: dict[tuple[str, str], tuple[str, ...] | str] = {
+    ("ILogger", "Severity"): "enum",
+    ("ILogger", "ERROR"): "enum value",
+    ("ILogger", "WARNING"): "enum value",
     ("ILogger", "__init__"): (),
     ("ILogger", "log"): ("severity", "msg"),
     ("Runtime", "__init__"): ("logger",),
