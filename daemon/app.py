@@ -215,7 +215,7 @@ class Daemon:
         assert loop is not None
 
         def on_fault(detail: str) -> None:
-            loop.call_soon_threadsafe(self._on_gpu_fault, detail)
+            loop.call_soon_threadsafe(self.on_gpu_fault, detail)
 
         self.gpu = GpuMonitor(cfg.engine.primary.device, g.poll_s, g.max_temperature_c, on_fault)
         facts = self.gpu.latest
@@ -227,7 +227,8 @@ class Daemon:
             log.error("gpu_ecc_off", gpu=facts.name, detail="memory errors on this GPU go undetected")
         self.gpu.start()
 
-    def _on_gpu_fault(self, detail: str) -> None:
+    def on_gpu_fault(self, detail: str) -> None:
+        """A GPU health fault (from the NVML monitor's thread, via the loop): fail the primary over."""
         engines, runtime = self.engines, self.runtime
         if engines is None or runtime is None or engines.standby is None or engines.active is not engines.primary:
             return

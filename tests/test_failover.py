@@ -240,3 +240,35 @@ async def test_operator_fails_back_and_a_restart_keeps_the_engine_the_journal_sa
     records = list(read_journal(tmp_path / "journal.msgpack"))
     switches = [(r["to"], r["reason"], r.get("uid")) for r in records if r["kind"] == "failover"]
     assert switches == [("standby", "exception", None), ("primary", "operator", os.getuid())]
+
+
+# -- GPU health faults ----------------------------------------------------------------------------
+
+
+def test_gpu_health_faults_name_what_is_wrong_and_a_healthy_gpu_has_none() -> None:
+    from engines.gpu_health import GpuHealth, faults  # noqa: PLC0415
+
+    healthy = GpuHealth(0, "NVIDIA H200", "580.159.04", temperature_c=41, ecc_enabled=True, ecc_volatile_uncorrected=0)
+    assert faults(healthy, max_temperature_c=87) == []
+    hot = GpuHealth(0, "g", "d", temperature_c=90)
+    assert faults(hot, 87) == ["temperature 90 C >= 87 C"]
+    broken = GpuHealth(0, "g", "d", ecc_volatile_uncorrected=2, remap_failed=True, xid_events=[79])
+    assert faults(broken, 87) == ["2 uncorrected ECC errors since boot", "row remapping failed", "Xid 79"]
+    slow = GpuHealth(0, "g", "d", throttle_reasons=["hw_thermal_slowdown"])
+    assert faults(slow, 87) == ["hardware slowdown (hw_thermal_slowdown)"]
+    idle = GpuHealth(0, "g", "d", throttle_reasons=["gpu_idle", "sw_power_cap"])
+    assert faults(idle, 87) == []
+
+
+async def test_a_gpu_health_fault_fails_the_primary_over_once(tmp_path: Path) -> None:
+    async with _failover_rig(tmp_path, InjectConfig(kind="latency", after_batches=10**9)) as rig:
+        rig.daemon.on_gpu_fault("Xid 79")
+        rig.daemon.on_gpu_fault("Xid 79")  # already on the standby: nothing more happens
+        assert rig.daemon.engines is not None and rig.daemon.engines.active is rig.daemon.engines.standby
+        assert dict(rig.daemon.stats.failovers) == {"gpu_health": 1}
+        await _send_minutes(rig, SYMBOLS, range(WINDOW + 1))
+        await wait_for(lambda: rig.daemon.stats.batches >= 1, what="a batch on the standby")
+        assert rig.daemon.engines.standby is not None
+        assert rig.daemon.engines.standby.health().inferences > len(rig.daemon.engines.standby.buckets)
+    (record,) = [r for r in read_journal(tmp_path / "journal.msgpack") if r["kind"] == "failover"]
+    assert (record["reason"], record["detail"]) == ("gpu_health", "Xid 79")
