@@ -462,32 +462,22 @@ class OrderDesk:
 
     def record_failover(self, event: FailoverEvent, rows: int = 0, uid: int | None = None) -> None:
         """Journal, count and log an engine switch (automatic or by an operator)."""
-        self.journal.append(
-            "failover",
-            self.clock.wall_ns(),
-            **{"from": event.from_engine},
-            to=event.to_engine,
-            reason=str(event.reason),
-            detail=event.detail,
-            rerun=event.rerun,
-            rows=rows,
-            uid=uid,
-        )
+        fields = {
+            "from": event.from_engine,
+            "to": event.to_engine,
+            "reason": str(event.reason),
+            "detail": event.detail,
+            "rerun": event.rerun,
+            "rows": rows,
+            "uid": uid,
+        }
+        self.journal.append("failover", self.clock.wall_ns(), **fields)
         self.journal.sync()
         self.engine_active = event.to_engine
         self.stats.failovers[str(event.reason)] += 1
         if event.rerun:
             self.stats.rerun_batches += 1
-        log.error(
-            "engine_failover",
-            **{"from": event.from_engine},
-            to=event.to_engine,
-            reason=str(event.reason),
-            detail=event.detail,
-            batch_rerun=event.rerun,
-            rows=rows,
-            uid=uid,
-        )
+        log.error("engine_failover", **fields)
 
     # -- operators ------------------------------------------------------------------------
 

@@ -69,6 +69,14 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def smallest_bucket(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest of the (increasing) ``buckets`` that holds ``n`` rows."""
+    for bucket in buckets:
+        if n <= bucket:
+            return bucket
+    raise ValueError(f"batch of {n} exceeds the largest bucket {buckets[-1]}")
+
+
 def run_batch(engine: Engine, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """Copy a [n, W, F] batch into its bucket, infer, return a copy of the n rows of logits.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from engines.base import EngineHealth, EngineSpec
+from engines.base import EngineHealth, EngineSpec, smallest_bucket
 from engines.errors import BackendUnavailableError, InferenceError, ModelMismatchError
 from engines.manifest import load_manifest
 
@@ -99,10 +99,7 @@ class OnnxRuntimeEngine:
             raise ModelMismatchError(model, "output.shape", list(m.output.shape), o.shape)
 
     def bucket_for(self, n: int) -> int:
-        for bucket in self.buckets:
-            if n <= bucket:
-                return bucket
-        raise ValueError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
+        return smallest_bucket(self.buckets, n)
 
     def input_buffer(self, bucket: int) -> npt.NDArray[np.float32]:
         return self._inputs[bucket]

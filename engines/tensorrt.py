@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from engines.base import EngineHealth, EngineSpec
+from engines.base import EngineHealth, EngineSpec, smallest_bucket
 from engines.cuda import DeviceArray, DeviceFacts, Graph, PinnedArray, Stream, probe_device
 from engines.errors import BackendUnavailableError, InferenceError, ManifestError, ModelMismatchError, PlanError
 from engines.manifest import Manifest, load_manifest
@@ -215,10 +215,7 @@ class TensorRTEngine:
         return profiles
 
     def bucket_for(self, n: int) -> int:
-        for bucket in self.buckets:
-            if n <= bucket:
-                return bucket
-        raise ValueError(f"batch of {n} exceeds the largest bucket {self.buckets[-1]}")
+        return smallest_bucket(self.buckets, n)
 
     def input_buffer(self, bucket: int) -> npt.NDArray[np.float32]:
         return self._buckets[bucket].host_in.array
