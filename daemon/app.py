@@ -27,6 +27,7 @@ from daemon.errors import ConfigError
 from daemon.feed.ingest import FeedConnector
 from daemon.metrics import StatsCollector
 from daemon.runtime import Runtime
+from daemon.sdnotify import Notifier
 from daemon.stats import Stats
 from engines.base import Engine, EngineSpec
 from engines.chooser import build_engine, resolve_model
@@ -62,7 +63,14 @@ def build_configured(name: str, cfg: EngineConfig) -> Engine:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, clock: Clock | None = None, config_file: str = "(config)") -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        config_file: str = "(config)",
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
         self.config_file = config_file
         self.clock = clock or SystemClock()
@@ -70,6 +78,8 @@ class Daemon:
         self.engines: EngineSet | None = None
         self.gpu: GpuMonitor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.notifier = notifier or Notifier({})
+        self.ready = asyncio.Event()
         self.runtime: Runtime | None = None
         self.gateway: GatewayClient | None = None
         self.metrics_port: int | None = None
@@ -80,8 +90,15 @@ class Daemon:
         self._journal: Journal | None = None
         self.admin: AdminServer | None = None
 
-    async def start(self, status: Callable[[str], None] = lambda _: None) -> None:
+    async def start(self, on_status: Callable[[str], None] = lambda _: None) -> None:
+        """Engines, journal, broker, admin, metrics, feed. READY=1 goes to systemd only once the
+        engines are warm, the broker reconciled and the feed connected (``self.ready``)."""
         cfg = self.config
+
+        def status(text: str) -> None:
+            on_status(text)
+            self.notifier.status(text)
+
         self._loop = asyncio.get_running_loop()
         status("loading engines")
         self.engines = engines = await asyncio.to_thread(self._load_engines)
@@ -128,7 +145,7 @@ class Daemon:
         b = cfg.broker
         reconciled = asyncio.Event()
 
-        def on_status(message: wire.Status) -> None:
+        def on_broker_status(message: wire.Status) -> None:
             desk.reconcile(message)
             reconciled.set()
 
@@ -137,7 +154,7 @@ class Daemon:
             b.port,
             on_report=desk.on_report,
             on_event=desk.on_broker_event,
-            on_status=on_status,
+            on_status=on_broker_status,
             backoff=Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000),
             max_frame_bytes=b.max_frame_bytes,
         )
@@ -171,7 +188,25 @@ class Daemon:
             feed=f"{f.host}:{f.port}",
             metrics_port=self.metrics_port,
         )
-        status("running")
+        self._tasks.append(asyncio.create_task(self._announce_ready(on_status), name="ready"))
+        if self.notifier.watchdog_s is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s), name="watchdog"))
+
+    async def _announce_ready(self, on_status: Callable[[str], None]) -> None:
+        runtime = self.runtime
+        assert runtime is not None
+        await runtime.feed_connected_event.wait()
+        self.notifier.ready("running: engines warm, broker reconciled, feed connected")
+        on_status("running")
+        self.ready.set()
+
+    async def _watchdog(self, interval_s: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings and systemd
+        restarts the daemon."""
+        while not self._stop.is_set():
+            self.notifier.watchdog()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
 
     def _load_engines(self) -> EngineSet:
         """Primary and standby; a primary that cannot run here leaves the standby serving."""
@@ -280,6 +315,7 @@ class Daemon:
 
     async def shutdown(self, deadline_s: float = 5.0) -> None:
         """Stop intake, finish the waiting batch and its orders, close connections and files."""
+        self.notifier.stopping()
         if self._feed is not None:
             self._feed.stop()
         runtime = self.runtime

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -60,23 +61,55 @@ def _serve(server: ReplayServer | BrokerSimulator, host: str, port: int) -> None
 # -- commands ---------------------------------------------------------------------------------
 
 
+def parse_cpus(text: str) -> set[int]:
+    """``"2-3,6"`` -> {2, 3, 6} (the cpuset list format of TRADINGD_CPUS)."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ConfigError("TRADINGD_CPUS", "(environment)", f"not a CPU list like '2-3,6': {text!r}")
+        cpus.update(range(int(lo), int(hi if sep else lo) + 1))
+    if not cpus:
+        raise ConfigError("TRADINGD_CPUS", "(environment)", "empty CPU list")
+    return cpus
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.app import Daemon  # noqa: PLC0415
-    from daemon.config import load_config  # noqa: PLC0415
+    from daemon.config import config_digest, load_config  # noqa: PLC0415
+    from daemon.sdnotify import Notifier  # noqa: PLC0415
 
     config = load_config(Path(args.config))
     configure_logging(config.log.level)
+    cpus = os.environ.get("TRADINGD_CPUS", "").strip()
+    if cpus:
+        try:
+            os.sched_setaffinity(0, parse_cpus(cpus))
+        except OSError as exc:
+            raise ConfigError("TRADINGD_CPUS", "(environment)", f"cannot pin to {cpus}: {exc}") from exc
+    log.info(
+        "config",
+        file=args.config,
+        sha256=config_digest(config),
+        cpus=sorted(os.sched_getaffinity(0)),
+        loop=args.loop,
+        pid=os.getpid(),
+    )
 
     async def main() -> None:
-        daemon = Daemon(config, config_file=args.config)
+        notifier = Notifier()
+        daemon = Daemon(config, config_file=args.config, notifier=notifier)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
         try:
-            await daemon.start(status=lambda s: log.info("status", status=s))
+            await daemon.start(on_status=lambda s: log.info("status", status=s))
             await daemon.wait_stopped()
         finally:
             await daemon.shutdown()
+            notifier.close()
 
     _run_async(main(), loop=args.loop)
     return 0

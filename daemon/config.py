@@ -6,6 +6,7 @@ CLI turns them into exit code 78. ``deploy/tradingd.example.toml`` documents eve
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from pathlib import Path
@@ -222,6 +223,11 @@ def _check(config: Config, file: str) -> None:
         raise ConfigError(file, "engine.failover.misses", f"{fo.misses} exceeds engine.failover.window {fo.window}")
     if config.engine.standby is not None and config.engine.standby.inject is not None:
         raise ConfigError(file, "engine.standby.inject", "faults are injected into the primary only")
+
+
+def config_digest(config: Config) -> str:
+    """sha256 of the configuration as the daemon understood it (every default filled in)."""
+    return hashlib.sha256(msgspec.json.encode(config)).hexdigest()
 
 
 def load_config(path: Path) -> Config:

@@ -136,7 +136,7 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             )
             daemon = Daemon(config, config_file="(demo defaults)")
             started = time.perf_counter()
-            await daemon.start(status=lambda s: _progress(progress, f"demo: {s}"))
+            await daemon.start(on_status=lambda s: _progress(progress, f"demo: {s}"))
             runtime, stats = daemon.runtime, daemon.stats
             assert runtime is not None and daemon.engines is not None
             engine = daemon.engines.active

@@ -78,6 +78,7 @@ class Runtime:
         self._last_seq: int | None = None
         self.idle_event = asyncio.Event()
         self.idle_event.set()
+        self.feed_connected_event = asyncio.Event()  # set on the first feed connection
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class Runtime:
         self._feed_paused = False
         self._last_seq = None  # a new session may restart its numbering
         self.stats.feed_connects += 1
+        self.feed_connected_event.set()
 
     def on_feed_lost(self) -> None:
         self._feed = None

@@ -24,6 +24,7 @@ from daemon.config import (
     RiskConfig,
     UniverseConfig,
 )
+from daemon.sdnotify import Notifier
 
 NS_PER_MIN = 60_000_000_000
 T0 = 1_700_000_040_000_000_000
@@ -112,6 +113,7 @@ async def running_rig(
     tmp: Path,
     symbols: tuple[str, ...] = ("AAA", "BBB"),
     sim: SimConfig | None = None,
+    notifier: Notifier | None = None,
     **sections: object,
 ) -> AsyncIterator[Rig]:
     """Broker simulator + scripted feed + daemon (real engine) on loopback, torn down after."""
@@ -119,7 +121,7 @@ async def running_rig(
     feed = ScriptedFeed()
     broker_port = await broker.start()
     feed_port = await feed.start()
-    daemon = Daemon(rig_config(tmp, feed_port, broker_port, symbols, **sections))
+    daemon = Daemon(rig_config(tmp, feed_port, broker_port, symbols, **sections), notifier=notifier)
     try:
         await daemon.start()
         writer = await feed.next_connection()
