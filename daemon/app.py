@@ -28,7 +28,7 @@ from daemon.feed.ingest import FeedConnector
 from daemon.metrics import StatsCollector
 from daemon.runtime import Runtime
 from daemon.sdnotify import Notifier
-from daemon.stats import Stats
+from daemon.stats import SignalAccuracy, Stats
 from engines.base import Engine, EngineSpec
 from engines.chooser import build_engine, resolve_model
 from engines.errors import BackendUnavailableError, PlanError
@@ -75,6 +75,7 @@ class Daemon:
         self.config_file = config_file
         self.clock = clock or SystemClock()
         self.stats = Stats()
+        self.stats.accuracy = SignalAccuracy(config.signal.accuracy_window)
         self.engines: EngineSet | None = None
         self.gpu: GpuMonitor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -297,9 +298,14 @@ class Daemon:
 
         registry = CollectorRegistry()
         desk = self.runtime.desk if self.runtime else None
+        journal = self._journal
         registry.register(
             StatsCollector(
-                self.stats, self.engines.status if self.engines else None, desk.status if desk else None, self.gpu
+                self.stats,
+                self.engines.status if self.engines else None,
+                desk.status if desk else None,
+                self.gpu,
+                (lambda: journal.path.stat().st_size) if journal is not None else None,
             )
         )
         m = self.config.metrics

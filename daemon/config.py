@@ -93,6 +93,7 @@ class SignalConfig(_Section, frozen=True):
     notional_per_signal: PositiveFloat = 10_000.0
     limit_offset_bps: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 0.0
     allow_short: bool = True
+    accuracy_window: PositiveInt = 500
 
 
 class SymbolRiskConfig(_Section, frozen=True):

@@ -268,10 +268,14 @@ class OrderDesk:
         return sum(abs(self.book.exposure(s)) * closes[index[s]] for s in symbols if s in index)
 
     def on_signals(self, batch: Batch, rows: Iterable[int], cls: list[int], conf: list[float]) -> None:
+        started = self.clock.mono_ns()
         self._gross = self._gross_exposure()
         for row in rows:
             self._signal(batch, row, cls[row], conf[row])
+        decided = self.clock.mono_ns()
+        self.stats.gates.record(decided - started)
         self._commit()
+        self.stats.send.record(self.clock.mono_ns() - decided)
 
     def _signal(self, batch: Batch, row: int, cls: int, confidence: float) -> None:
         s = self.stats

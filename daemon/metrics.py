@@ -1,6 +1,13 @@
-"""Prometheus exposition of ``Stats``: a collector that reads the counters at scrape time.
+"""Prometheus exposition: one collector that reads the daemon's plain counters at scrape time.
 
-Nothing is computed per bar for Prometheus; the registry is injected so tests use a fresh one.
+Nothing is computed per bar for Prometheus, and the registry is injected (tests use a fresh
+one). Every label value is known at start-up (reasons are enums, engines are primary and
+standby), and each is exported from the first scrape on, at zero, so no per-bar or per-symbol
+label can appear and every rate() has a series to start from.
+
+Latency histograms have explicit buckets dense from 10 µs to 10 ms (``daemon.stats``), one per
+stage of tick-to-order: feed wait (bar read to bar in its window), batch wait (to batch start),
+inference, gates (logits to orders decided) and send (journal commit and socket writes).
 """
 
 from __future__ import annotations
@@ -11,22 +18,32 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from daemon.feed.protocol import RejectReason
 from daemon.stats import LatencyRecorder, Stats
+from risk.failover import FailoverReason
+from risk.gates import DenyReason
 
 if TYPE_CHECKING:
     from engines.gpu_health import GpuMonitor
 
 ENGINE_ROLES = ("primary", "standby")
-FAILOVER_REASONS = ("exception", "nonfinite", "deadline", "gpu_health", "unavailable", "operator")
+STAGES = ("feed_wait", "batch_wait", "infer", "gates", "send")
 
 
-def _histogram(name: str, doc: str, rec: LatencyRecorder) -> HistogramMetricFamily:
+def _histogram(name: str, doc: str, rec: LatencyRecorder, scale: float = 1e-9) -> HistogramMetricFamily:
     cumulative, buckets = 0, []
     for bound, n in zip(rec.bounds_ns, rec.buckets, strict=False):
         cumulative += n
-        buckets.append((f"{bound / 1e9:.6g}", cumulative))
+        buckets.append((f"{bound * scale:.6g}", cumulative))
     buckets.append(("+Inf", rec.count))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=rec.sum_ns / 1e9)
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=rec.sum_ns * scale)
+
+
+def _counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in values.items():
+        family.add_metric([key], n)
+    return family
 
 
 class StatsCollector(Collector):
@@ -36,49 +53,107 @@ class StatsCollector(Collector):
         engines_state: Callable[[], dict[str, Any]] | None = None,
         desk_state: Callable[[], dict[str, Any]] | None = None,
         gpu: GpuMonitor | None = None,
+        journal_bytes: Callable[[], int] | None = None,
     ) -> None:
         self._stats = stats
         self._engines_state = engines_state
         self._desk_state = desk_state
         self._gpu = gpu
+        self._journal_bytes = journal_bytes
 
     def collect(self) -> Iterator[Any]:
         s = self._stats
-        bars = CounterMetricFamily("tradingd_bars", "Bars by outcome", labels=["outcome"])
-        bars.add_metric(["accepted"], s.bars_accepted)
-        bars.add_metric(["rejected"], sum(s.bars_rejected.values()))
-        yield bars
-        rejected = CounterMetricFamily("tradingd_bar_rejections", "Rejected bars by reason", labels=["reason"])
-        for reason, n in s.bars_rejected.items():
-            rejected.add_metric([reason], n)
-        yield rejected
+        yield _counter(
+            "tradingd_bars",
+            "Bars by outcome",
+            "outcome",
+            {"accepted": s.bars_accepted, "rejected": sum(s.bars_rejected.values()), "warmup": s.bars_warmup},
+        )
+        yield _counter(
+            "tradingd_bar_rejections",
+            "Rejected bars by reason",
+            "reason",
+            {str(r): s.bars_rejected[str(r)] for r in RejectReason},
+        )
         yield CounterMetricFamily("tradingd_feed_gaps", "Feed sequence gaps", value=s.seq_gaps)
-        yield CounterMetricFamily("tradingd_feed_reconnects", "Feed connections made", value=s.feed_connects)
+        yield CounterMetricFamily(
+            "tradingd_feed_minutes", "Minutes closed by the feed (minute_end)", value=s.minute_ends
+        )
+        yield _counter(
+            "tradingd_reconnects",
+            "Connections made, by peer",
+            "peer",
+            {"feed": s.feed_connects, "broker": s.broker_connects},
+        )
+        yield _counter(
+            "tradingd_disconnects",
+            "Connections lost, by peer",
+            "peer",
+            {"feed": s.feed_disconnects, "broker": s.broker_disconnects},
+        )
         yield CounterMetricFamily("tradingd_batches", "Inference batches", value=s.batches)
-        signals = CounterMetricFamily("tradingd_signals", "Signals by class", labels=["class"])
-        for cls, n in s.signals.items():
-            signals.add_metric([cls], n)
-        yield signals
-        orders = CounterMetricFamily("tradingd_orders", "Orders by outcome", labels=["outcome"])
-        orders.add_metric(["sent"], s.orders_sent)
-        orders.add_metric(["denied"], sum(s.orders_denied.values()))
-        orders.add_metric(["filled"], s.orders_filled)
-        orders.add_metric(["rejected"], s.orders_rejected)
-        yield orders
-        denied = CounterMetricFamily("tradingd_order_denials", "Denied orders by reason", labels=["reason"])
-        for reason, n in s.orders_denied.items():
-            denied.add_metric([reason], n)
-        yield denied
-        yield _histogram("tradingd_tick_to_order_seconds", "Bar received to order sent", s.tick_to_order)
-        yield _histogram("tradingd_inference_seconds", "Engine inference per batch", s.infer)
-        yield _histogram("tradingd_batch_wait_seconds", "Bar received to batch start", s.batch_wait)
+        yield _counter(
+            "tradingd_inference_failures",
+            "Batches whose inference failed (after any failover re-run)",
+            "kind",
+            {"exception": s.infer_failures, "nonfinite": s.infer_nonfinite},
+        )
+        yield _counter(
+            "tradingd_signals", "Signals by class", "class", {c: s.signals[c] for c in ("sell", "hold", "buy")}
+        )
+        yield _counter(
+            "tradingd_orders",
+            "Orders by outcome",
+            "outcome",
+            {
+                "sent": s.orders_sent,
+                "denied": sum(s.orders_denied.values()),
+                "parked": s.reviews_parked,
+                "filled": s.orders_filled,
+                "rejected": s.orders_rejected,
+                "canceled": s.orders_canceled,
+            },
+        )
+        yield _counter(
+            "tradingd_order_denials",
+            "Denied orders by reason",
+            "reason",
+            {str(r): s.orders_denied[str(r)] for r in DenyReason} | dict(s.orders_denied),
+        )
+        yield CounterMetricFamily("tradingd_fills", "Execution reports with a fill", value=s.fills)
+        yield _counter(
+            "tradingd_reviews",
+            "Orders through manual review, by action",
+            "action",
+            {
+                "parked": s.reviews_parked,
+                "approved": s.reviews_approved,
+                "rejected": s.reviews_rejected,
+                "expired": s.reviews_expired,
+            },
+        )
+        yield _histogram("tradingd_tick_to_order_seconds", "Bar read to order written to the broker", s.tick_to_order)
+        stage = {
+            "feed_wait": s.feed_wait,
+            "batch_wait": s.batch_wait,
+            "infer": s.infer,
+            "gates": s.gates,
+            "send": s.send,
+        }
+        docs = {
+            "feed_wait": "Bar read from the socket to bar in its window",
+            "batch_wait": "Bar read to its batch starting inference",
+            "infer": "Engine inference per batch (a failover re-run included)",
+            "gates": "Logits to every order of the batch decided",
+            "send": "Journal group commit and socket writes per batch",
+        }
+        for name in STAGES:
+            metric = "inference" if name == "infer" else name
+            yield _histogram(f"tradingd_{metric}_seconds", docs[name], stage[name])
+        yield _histogram("tradingd_batch_size", "Rows per inference batch", s.batch_size, scale=1.0)
         for name, doc, value in (
             ("tradingd_halts", "Halts latched (symbol and market)", s.halts),
             ("tradingd_kills", "Kill switch activations", s.kills),
-            ("tradingd_reviews_parked", "Orders parked for manual review", s.reviews_parked),
-            ("tradingd_reviews_approved", "Parked orders approved", s.reviews_approved),
-            ("tradingd_reviews_rejected", "Parked orders rejected", s.reviews_rejected),
-            ("tradingd_reviews_expired", "Parked orders expired unanswered", s.reviews_expired),
             (
                 "tradingd_reconcile_differences",
                 "Differences found reconciling with the broker",
@@ -86,35 +161,31 @@ class StatsCollector(Collector):
             ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        if self._desk_state is not None:
-            desk = self._desk_state()
-            yield GaugeMetricFamily("tradingd_halted_symbols", "Symbols halted now", value=len(desk["halted"]))
-            yield GaugeMetricFamily(
-                "tradingd_market_halted", "1 while the whole market is halted", value=float(desk["market"] == "halted")
-            )
-            yield GaugeMetricFamily("tradingd_kill_switch", "1 while the kill switch is on", value=float(desk["kill"]))
-            yield GaugeMetricFamily(
-                "tradingd_review_queue_depth", "Orders waiting for review", value=desk["review_queue"]
-            )
-            yield GaugeMetricFamily(
-                "tradingd_review_oldest_seconds",
-                "Age of the oldest order waiting for review",
-                value=desk["review_oldest_s"],
-            )
-            yield GaugeMetricFamily(
-                "tradingd_broker_connected",
-                "1 while the broker connection is up and reconciled",
-                value=float(desk["broker_connected"] and desk["reconciled"]),
-            )
-        failovers = CounterMetricFamily("tradingd_failovers", "Engine switches by reason", labels=["reason"])
-        for reason in FAILOVER_REASONS:
-            failovers.add_metric([reason], s.failovers[reason])
-        yield failovers
+        yield _counter(
+            "tradingd_failovers",
+            "Engine switches by reason",
+            "reason",
+            {str(r): s.failovers[str(r)] for r in FailoverReason},
+        )
         yield CounterMetricFamily(
             "tradingd_failover_rerun_batches",
             "Batches re-run on the standby after a primary fault",
             value=s.rerun_batches,
         )
+        accuracy = s.accuracy.value()
+        if accuracy is not None:
+            yield GaugeMetricFamily(
+                "tradingd_signal_accuracy",
+                f"Share of the last {s.accuracy.window} buy/sell signals the next close-to-close move confirmed",
+                value=accuracy,
+            )
+        yield CounterMetricFamily(
+            "tradingd_signals_judged", "Buy/sell signals judged against the next move", value=s.accuracy.judged
+        )
+        if self._journal_bytes is not None:
+            yield GaugeMetricFamily("tradingd_journal_bytes", "Size of the journal file", value=self._journal_bytes())
+        if self._desk_state is not None:
+            yield from _desk_metrics(self._desk_state())
         if self._engines_state is not None:
             state = self._engines_state()
             active = GaugeMetricFamily(
@@ -131,17 +202,32 @@ class StatsCollector(Collector):
             yield from _gpu_metrics(self._gpu)
 
 
+def _desk_metrics(desk: dict[str, Any]) -> Iterator[Any]:
+    yield GaugeMetricFamily("tradingd_halted_symbols", "Symbols halted now", value=len(desk["halted"]))
+    yield GaugeMetricFamily(
+        "tradingd_market_halted", "1 while the whole market is halted", value=float(desk["market"] == "halted")
+    )
+    yield GaugeMetricFamily("tradingd_kill_switch", "1 while the kill switch is on", value=float(desk["kill"]))
+    yield GaugeMetricFamily("tradingd_review_queue_depth", "Orders waiting for review", value=desk["review_queue"])
+    yield GaugeMetricFamily(
+        "tradingd_review_oldest_seconds", "Age of the oldest order waiting for review", value=desk["review_oldest_s"]
+    )
+    yield GaugeMetricFamily(
+        "tradingd_broker_connected",
+        "1 while the broker connection is up and reconciled",
+        value=float(desk["broker_connected"] and desk["reconciled"]),
+    )
+    yield GaugeMetricFamily("tradingd_working_orders", "Orders sent and not yet final", value=desk["working_orders"])
+
+
 def _gpu_metrics(monitor: GpuMonitor) -> Iterator[Any]:
     g = monitor.latest
     assert g is not None
     gpu = str(g.index)
+    util = None if g.utilization_pct is None else g.utilization_pct / 100
     for name, doc, value in (
         ("tradingd_gpu_temperature_celsius", "GPU temperature", g.temperature_c),
-        (
-            "tradingd_gpu_utilization_ratio",
-            "GPU utilisation (0-1)",
-            None if g.utilization_pct is None else g.utilization_pct / 100,
-        ),
+        ("tradingd_gpu_utilization_ratio", "GPU utilisation (0-1)", util),
         ("tradingd_gpu_memory_used_bytes", "GPU memory in use", g.memory_used_bytes),
         ("tradingd_gpu_memory_total_bytes", "GPU memory", g.memory_total_bytes),
         ("tradingd_gpu_sm_clock_hertz", "GPU SM clock", None if g.sm_clock_mhz is None else g.sm_clock_mhz * 1e6),

@@ -115,7 +115,9 @@ class Runtime:
             )
             return
         s.bars_accepted += 1
+        s.accuracy.next_close(i, bar.close)
         self.desk.on_bar(bar.symbol, bar.ts, bar.open, bar.close, bar.prev_close)
+        s.feed_wait.record(self.clock.mono_ns() - ts_recv)
         if not self.windows.full(i):
             s.bars_warmup += 1
             return
@@ -220,6 +222,7 @@ class Runtime:
         s = self.stats
         s.batches += 1
         s.batch_rows += n
+        s.batch_size.record(n)
         exc = future.exception()
         if exc is not None:
             s.infer_failures += 1
@@ -279,6 +282,8 @@ class Runtime:
         counts = np.bincount(cls, minlength=3)
         for k, name in enumerate(CLASS_NAMES):
             s.signals[name] += int(counts[k])
+        for row in np.flatnonzero(cls != HOLD).tolist():
+            s.accuracy.signal(int(batch.symbols[row]), 1 if cls[row] > HOLD else -1, batch.close[row])
         rows = np.flatnonzero((cls != HOLD) & (conf >= self.config.signal.confidence_threshold))
         if len(rows):
             self.desk.on_signals(batch, rows.tolist(), cls.tolist(), conf.tolist())

@@ -7,7 +7,7 @@ end, so each event is counted exactly once.
 from __future__ import annotations
 
 import bisect
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +43,9 @@ LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
 )
 
 
+BATCH_SIZE_BOUNDS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
 class LatencyRecorder:
     """Cumulative bucket counts since start, plus the most recent samples for percentiles."""
 
@@ -76,6 +79,33 @@ class LatencyRecorder:
             "p99": round(float(p99) / 1000, 1),
             "max": round(self.max_ns / 1000, 1),
         }
+
+
+class SignalAccuracy:
+    """Rolling share of buy/sell signals whose direction the symbol's next close-to-close move
+    confirmed, over the last ``window`` signals that have been judged (a flat move is not judged)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._hits: deque[bool] = deque(maxlen=window)
+        self._direction: dict[int, tuple[int, float]] = {}  # symbol index -> (+1 buy / -1 sell, close)
+        self.judged = 0
+
+    def signal(self, symbol: int, direction: int, close: float) -> None:
+        self._direction[symbol] = (direction, close)
+
+    def next_close(self, symbol: int, close: float) -> None:
+        pending = self._direction.pop(symbol, None)
+        if pending is None:
+            return
+        direction, then = pending
+        if close == then:
+            return
+        self._hits.append((close > then) == (direction > 0))
+        self.judged += 1
+
+    def value(self) -> float | None:
+        return sum(self._hits) / len(self._hits) if self._hits else None
 
 
 @dataclass(slots=True)
@@ -116,6 +146,13 @@ class Stats:
     broker_disconnects: int = 0
     failovers: Counter[str] = field(default_factory=Counter)
     rerun_batches: int = 0
+    # The stages of tick-to-order: bar read -> bar in its window (feed_wait) -> batch start
+    # (batch_wait) -> logits (infer) -> orders decided (gates) -> journaled and written (send).
     tick_to_order: LatencyRecorder = field(default_factory=LatencyRecorder)
-    infer: LatencyRecorder = field(default_factory=LatencyRecorder)
+    feed_wait: LatencyRecorder = field(default_factory=LatencyRecorder)
     batch_wait: LatencyRecorder = field(default_factory=LatencyRecorder)
+    infer: LatencyRecorder = field(default_factory=LatencyRecorder)
+    gates: LatencyRecorder = field(default_factory=LatencyRecorder)
+    send: LatencyRecorder = field(default_factory=LatencyRecorder)
+    batch_size: LatencyRecorder = field(default_factory=lambda: LatencyRecorder(1 << 12, BATCH_SIZE_BOUNDS))
+    accuracy: SignalAccuracy = field(default_factory=lambda: SignalAccuracy(500))
