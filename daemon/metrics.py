@@ -77,7 +77,7 @@ class StatsCollector(Collector):
         )
         yield CounterMetricFamily("tradingd_feed_gaps", "Feed sequence gaps", value=s.seq_gaps)
         yield CounterMetricFamily(
-            "tradingd_feed_minutes", "Minutes closed by the feed (minute_end)", value=s.minute_ends
+            "tradingd_feed_minute_ends", "Minutes closed by the feed (minute_end)", value=s.minute_ends
         )
         yield _counter(
             "tradingd_reconnects",
