@@ -118,13 +118,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import DemoError, DemoOptions, dumps, render_text, run_demo  # noqa: PLC0415
 
-    configure_logging("warning")
+    configure_logging(args.log_level, args.log_file)
     options = DemoOptions(
         minutes=args.minutes,
         symbols=args.symbols,
         data=args.data,
         seed=args.seed,
         review_threshold=args.review_threshold,
+        metrics=not args.no_metrics,
+        metrics_port=args.metrics_port,
     )
     try:
         summary = _run_async(run_demo(options))
@@ -301,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--review-threshold", type=float, default=1_000_000.0, help="park orders of this notional or more")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
+    p.add_argument("--log-file", type=Path, help="append the daemon's JSON log lines here (default: stderr)")
+    p.add_argument("--no-metrics", action="store_true", help="serve no Prometheus metrics")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve metrics on 127.0.0.1:P (default: a free port)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("replay", help="serve a CSV of minute bars as a feed")

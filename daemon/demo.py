@@ -54,6 +54,8 @@ class DemoOptions:
     notional_per_signal: float = 40_000.0
     timeout_s: float = 300.0
     workdir: Path | None = None
+    metrics: bool = True
+    metrics_port: int = 0
 
 
 async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -127,7 +129,7 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
                 feed=FeedConfig(port=feed_port),
                 universe=UniverseConfig(symbols=symbols),
                 broker=BrokerConfig(port=broker_port),
-                metrics=MetricsConfig(port=0),
+                metrics=MetricsConfig(enabled=options.metrics, port=options.metrics_port),
                 journal=JournalConfig(path=str(work / "journal.msgpack"), fsync="none"),
                 admin=AdminConfig(socket=str(work / "admin.sock"), operators=(os.getuid(),)),
                 # Replayed history: ages are measured on the feed's clock, not today's.
@@ -231,6 +233,9 @@ def _summary(
             "tick_to_order": s.tick_to_order.summary_us(),
             "infer": s.infer.summary_us(),
             "batch_wait": s.batch_wait.summary_us(),
+            "feed_wait": s.feed_wait.summary_us(),
+            "gates": s.gates.summary_us(),
+            "send": s.send.summary_us(),
         },
         "replay_seconds": round(replay_s, 3),
     }

@@ -374,7 +374,8 @@ class OrderDesk:
         gateway = self.gateway
         assert gateway is not None
         s = self.stats
-        for order, fields in self._outbox:
+        latencies: list[int | None] = []
+        for order, _ in self._outbox:
             gateway.send(
                 wire.NewOrder(order.cl_ord_id, order.symbol, order.side, order.qty, order.price, self.clock.wall_ns())
             )
@@ -384,6 +385,9 @@ class OrderDesk:
             latency = ts_send - order.ts_recv if order.ts_recv else None
             if latency is not None:
                 s.tick_to_order.record(latency)
+            latencies.append(latency)
+        # Logged after the whole batch is on the wire: a log line never delays the next order.
+        for (_, fields), latency in zip(self._outbox, latencies, strict=True):
             log.info("order_sent", tick_to_order_us=latency // 1000 if latency is not None else None, **fields)
         self._outbox.clear()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import orjson
 import structlog
@@ -16,7 +17,9 @@ _LEVELS = {
 }
 
 
-def configure_logging(level: str = "info") -> None:
+def configure_logging(level: str = "info", file: Path | None = None) -> None:
+    """JSON lines at ``level`` and above, to stderr or appended to ``file``."""
+    sink = file.open("ab") if file is not None else sys.stderr.buffer
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -26,6 +29,6 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.BytesLoggerFactory(sys.stderr.buffer),
+        logger_factory=structlog.BytesLoggerFactory(sink),
         cache_logger_on_first_use=True,
     )
