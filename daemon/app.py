@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
@@ -95,6 +96,7 @@ class Daemon:
         """Engines, journal, broker, admin, metrics, feed. READY=1 goes to systemd only once the
         engines are warm, the broker reconciled and the feed connected (``self.ready``)."""
         cfg = self.config
+        sys.setswitchinterval(cfg.process.switch_interval_us / 1e6)
 
         def status(text: str) -> None:
             on_status(text)

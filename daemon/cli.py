@@ -127,6 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         review_threshold=args.review_threshold,
         metrics=not args.no_metrics,
         metrics_port=args.metrics_port,
+        samples_out=args.samples_out,
     )
     try:
         summary = _run_async(run_demo(options))
@@ -306,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
     p.add_argument("--log-file", type=Path, help="append the daemon's JSON log lines here (default: stderr)")
     p.add_argument("--no-metrics", action="store_true", help="serve no Prometheus metrics")
+    p.add_argument("--samples-out", type=Path, help="write every tick-to-order sample (µs) to this file")
     p.add_argument("--metrics-port", type=int, default=0, help="serve metrics on 127.0.0.1:P (default: a free port)")
     p.set_defaults(func=cmd_demo)
 

@@ -156,6 +156,13 @@ class JournalConfig(_Section, frozen=True):
     fsync: Literal["none", "batch", "always"] = "batch"
 
 
+class ProcessConfig(_Section, frozen=True):
+    # How long a Python thread may hold the GIL while another waits (sys.setswitchinterval).
+    # The default 5 ms lets a metrics scrape or a log write on another thread delay a batch by
+    # up to that long; 500 us bounds it (bench/RESULTS.md, observability overhead).
+    switch_interval_us: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 500
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -172,6 +179,7 @@ class Config(_Section, frozen=True):
     admin: AdminConfig = AdminConfig()
     journal: JournalConfig = JournalConfig()
     log: LogConfig = LogConfig()
+    process: ProcessConfig = ProcessConfig()
 
 
 _AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<where>[^`]*)`$")

@@ -56,6 +56,7 @@ class DemoOptions:
     workdir: Path | None = None
     metrics: bool = True
     metrics_port: int = 0
+    samples_out: Path | None = None  # write every tick-to-order sample (µs) here, one per line
 
 
 async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -169,6 +170,9 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             await daemon.shutdown()
             daemon = None
             summary = _summary(runtime, stats, engine, total_bars, total_minutes, replay_s, broker_log)
+            if options.samples_out is not None:
+                samples = stats.tick_to_order.samples()
+                options.samples_out.write_text("".join(f"{ns / 1000:.1f}\n" for ns in samples.tolist()))
             summary["source"] = source
             return summary
         finally:
