@@ -115,6 +115,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from daemon.config import config_digest, load_config  # noqa: PLC0415
+
+    config = load_config(Path(args.config))
+    print(f"{args.config}: ok, sha256 {config_digest(config)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import DemoError, DemoOptions, dumps, render_text, run_demo  # noqa: PLC0415
 
@@ -296,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="TOML configuration file")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (asyncio: a baseline)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("check", help="check a configuration file and exit (78 naming the key if it is bad)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="feed, daemon and broker simulator on this machine, then a summary")
     p.add_argument("--minutes", type=int, default=30)

@@ -127,3 +127,32 @@ def test_demo_with_a_review_threshold_parks_orders_and_reports_reviews_and_halts
     assert orders["sent"] + sum(orders["denied"].values()) + orders["parked"] == orders["intents"] + orders["approved"]
     assert orders["balanced"] and orders["received_by_broker"] == orders["sent"]
     assert isinstance(summary["halts"], list)
+
+
+def test_logs_are_one_json_line_per_order_fill_and_connection_change_and_none_per_bar(tmp_path: Path) -> None:
+    log = tmp_path / "tradingd.log"
+    result = _tradingd("demo", "--minutes", "40", "--json", "--log-level", "info", "--log-file", str(log))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    events: dict[str, int] = {}
+    for line in log.read_text().splitlines():
+        record = json.loads(line)
+        assert {"event", "level", "timestamp"} <= set(record)
+        events[record["event"]] = events.get(record["event"], 0) + 1
+    assert events["order_sent"] == summary["orders"]["sent"]
+    assert events["fill"] == summary["orders"]["filled"]
+    assert events["engine_ready"] == 1 and events["journal_replayed"] == 1
+    assert events["feed_connected"] == 1 and events["broker_connected"] == 1
+    # Nothing scales with the 1,280 bars: the most frequent event is an order's or a fill's.
+    bars = summary["bars"]["received"]
+    assert max(events.values()) <= max(summary["orders"]["sent"], summary["orders"]["filled"]) < bars
+    assert not {"bar", "bar_accepted", "batch"} & set(events)
+
+
+def test_check_validates_a_configuration_and_prints_its_digest(tmp_path: Path) -> None:
+    good = _tradingd("check", "--config", str(Path(__file__).parent.parent / "deploy" / "tradingd.example.toml"))
+    assert good.returncode == 0 and "ok, sha256" in good.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[batch]\nmax_batch = 0\n")
+    result = _tradingd("check", "--config", str(bad))
+    assert result.returncode == 78 and "batch.max_batch" in result.stderr
