@@ -5,6 +5,7 @@ event loop stop while it is blocked), and the unit file checked by systemd-analy
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -82,7 +83,7 @@ async def test_ready_comes_only_after_warm_up_reconcile_and_feed_connect(tmp_pat
         f"[broker]\nport = {broker_port}\n[metrics]\nenabled = false\n"
         f"[journal]\npath = '{tmp_path / 'journal'}'\n[admin]\nsocket = '{tmp_path / 'admin.sock'}'\n"
     )
-    env = {**os.environ, "NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "400000"}
+    env = {**os.environ, "NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "400000", "TRADINGD_CPUS": "0"}
     log = (tmp_path / "daemon.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "daemon", "run", "--config", str(config), env=env, stdout=log, stderr=log
@@ -114,6 +115,9 @@ async def test_ready_comes_only_after_warm_up_reconcile_and_feed_connect(tmp_pat
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 20) == 0
         await wait_for(lambda: systemd.first("STOPPING") is not None, timeout=5, what="STOPPING=1")
+        # CPU pinning from the environment file, and the config digest, are in the first log line.
+        first = json.loads((tmp_path / "daemon.log").read_text().splitlines()[0])
+        assert first["event"] == "config" and first["cpus"] == [0] and len(first["sha256"]) == 64
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -147,6 +151,15 @@ async def test_watchdog_pings_come_from_the_loop_and_stop_while_it_is_blocked(tm
     finally:
         notifier.close()
         systemd.close()
+
+
+def test_cpu_lists_parse_like_cpusets_and_bad_ones_name_the_variable() -> None:
+    from daemon.cli import parse_cpus  # noqa: PLC0415
+    from daemon.errors import ConfigError  # noqa: PLC0415
+
+    assert parse_cpus("2-3,6") == {2, 3, 6} and parse_cpus(" 0 ") == {0}
+    with pytest.raises(ConfigError, match="TRADINGD_CPUS"):
+        parse_cpus("two")
 
 
 def test_outside_systemd_the_notifier_does_nothing() -> None:
