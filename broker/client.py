@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import msgpack
 
@@ -12,6 +12,20 @@ from broker import protocol as wire
 from broker.errors import FrameError
 from broker.framing import FrameReader
 from broker.reconnect import Backoff, ClosingProtocol, keep_connected
+
+
+class Gateway(Protocol):
+    """What the desk needs of an order gateway: native msgpack (``GatewayClient``) or FIX
+    (``broker.fix.FixGatewayClient``)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool: ...
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 class _GatewayProtocol(ClosingProtocol):

@@ -80,11 +80,12 @@ class OrderStatus(msgspec.Struct, frozen=True):
 
 
 class Status(msgspec.Struct, frozen=True):
-    """The broker's answer: the orders it knows of those asked about, and every position."""
+    """The broker's answer: the orders it knows of those asked about, and every position
+    (``None`` where the gateway has no position report, as over FIX: the journal's stand)."""
 
     orders: list[OrderStatus]
     unknown: list[str]
-    positions: dict[str, int]
+    positions: dict[str, int] | None
     ts: int
 
 

@@ -49,10 +49,14 @@ async def keep_connected(
     backoff: Backoff,
     stopping: asyncio.Event,
     on_event: Callable[[str, str], None],
+    *,
+    reset_backoff_on_connect: bool = True,
 ) -> None:
     """Connect, wait for the connection to end, back off, repeat, until ``stopping`` is set.
 
     ``on_event(kind, detail)`` hears ``connected``, ``connect_failed`` and ``disconnected``.
+    A session protocol whose connection is only good once logged on resets ``backoff`` itself
+    (``reset_backoff_on_connect=False``), so a peer that refuses the logon is not hammered.
     """
     loop = asyncio.get_running_loop()
     while not stopping.is_set():
@@ -61,7 +65,8 @@ async def keep_connected(
         except OSError as exc:
             on_event("connect_failed", f"{host}:{port}: {exc.strerror or exc}")
         else:
-            backoff.reset()
+            if reset_backoff_on_connect:
+                backoff.reset()
             on_event("connected", f"{host}:{port}")
             stop_wait: asyncio.Future[Any] = asyncio.ensure_future(stopping.wait())
             pending: set[asyncio.Future[Any]] = {protocol.closed, stop_wait}

@@ -17,7 +17,7 @@ from wsgiref.simple_server import WSGIServer
 import structlog
 
 from broker import protocol as wire
-from broker.client import GatewayClient
+from broker.client import Gateway, GatewayClient
 from broker.journal import Journal, recover_journal
 from broker.reconnect import Backoff
 from daemon.admin import AdminServer
@@ -83,7 +83,7 @@ class Daemon:
         self.notifier = notifier or Notifier({})
         self.ready = asyncio.Event()
         self.runtime: Runtime | None = None
-        self.gateway: GatewayClient | None = None
+        self.gateway: Gateway | None = None
         self.metrics_port: int | None = None
         self._metrics_server: WSGIServer | None = None
         self._feed: FeedConnector | None = None
@@ -152,15 +152,39 @@ class Daemon:
             desk.reconcile(message)
             reconciled.set()
 
-        self.gateway = GatewayClient(
-            b.host,
-            b.port,
-            on_report=desk.on_report,
-            on_event=desk.on_broker_event,
-            on_status=on_broker_status,
-            backoff=Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000),
-            max_frame_bytes=b.max_frame_bytes,
-        )
+        backoff = Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000)
+        if b.protocol == "native":
+            self.gateway = GatewayClient(
+                b.host,
+                b.port,
+                on_report=desk.on_report,
+                on_event=desk.on_broker_event,
+                on_status=on_broker_status,
+                backoff=backoff,
+                max_frame_bytes=b.max_frame_bytes,
+            )
+        else:
+            from broker.fix import FixGatewayClient  # noqa: PLC0415
+
+            fx = b.fix
+            store = fx.store or journal_path.with_name(f"fix-{fx.sender_comp_id}-{fx.target_comp_id}.seq")
+            self.gateway = FixGatewayClient(
+                b.host,
+                b.port,
+                protocol=b.protocol,
+                sender_comp_id=fx.sender_comp_id,
+                target_comp_id=fx.target_comp_id,
+                store=Path(store),
+                on_report=desk.on_report,
+                on_event=desk.on_broker_event,
+                on_status=on_broker_status,
+                backoff=backoff,
+                heartbeat_s=fx.heartbeat_s,
+                time_in_force=fx.time_in_force,
+                status_timeout_s=fx.status_timeout_s,
+                reset_on_logon=fx.reset_on_logon,
+                accept_peer_reset=fx.accept_peer_reset,
+            )
         desk.gateway = self.gateway
         self._tasks.append(asyncio.create_task(self.gateway.run(), name="broker"))
         status("reconciling with the broker")

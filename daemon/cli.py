@@ -136,6 +136,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         metrics=not args.no_metrics,
         metrics_port=args.metrics_port,
         samples_out=args.samples_out,
+        broker=args.broker,
+        broker_port=args.broker_port,
+        fix_sender=args.fix_sender,
+        fix_target=args.fix_target,
     )
     try:
         summary = _run_async(run_demo(options))
@@ -320,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-file", type=Path, help="append the daemon's JSON log lines here (default: stderr)")
     p.add_argument("--no-metrics", action="store_true", help="serve no Prometheus metrics")
     p.add_argument("--samples-out", type=Path, help="write every tick-to-order sample (µs) to this file")
+    p.add_argument(
+        "--broker",
+        choices=["sim", "fix44", "fix42"],
+        default="sim",
+        help="sim: start the broker simulator; fix44/fix42: trade with a FIX acceptor already on --broker-port",
+    )
+    p.add_argument("--broker-port", type=int, help="the FIX acceptor's port on 127.0.0.1")
+    p.add_argument("--fix-sender", default="TRADINGD", help="our SenderCompID")
+    p.add_argument("--fix-target", default="EXECUTOR", help="the acceptor's CompID (our TargetCompID)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve metrics on 127.0.0.1:P (default: a free port)")
     p.set_defaults(func=cmd_demo)
 

@@ -131,13 +131,25 @@ class RiskConfig(_Section, frozen=True):
     symbols: dict[Symbol, SymbolRiskConfig] = {}
 
 
+class FixConfig(_Section, frozen=True):
+    sender_comp_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "TRADINGD"
+    target_comp_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "EXECUTOR"
+    heartbeat_s: Annotated[int, msgspec.Meta(ge=1, le=300)] = 30
+    time_in_force: Literal["day", "gtc", "ioc", "fok"] = "day"
+    store: str | None = None  # sequence numbers; default: beside the journal
+    status_timeout_s: PositiveFloat = 2.0
+    reset_on_logon: bool = False
+    accept_peer_reset: bool = False
+
+
 class BrokerConfig(_Section, frozen=True):
-    protocol: Literal["native"] = "native"
+    protocol: Literal["native", "fix44", "fix42"] = "native"
     host: str = "127.0.0.1"
     port: Port = 7002
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 1 << 20
     reconnect_initial_ms: PositiveInt = 50
     reconnect_max_ms: PositiveInt = 5000
+    fix: FixConfig = FixConfig()
 
 
 class MetricsConfig(_Section, frozen=True):

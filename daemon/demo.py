@@ -27,6 +27,7 @@ from daemon.config import (
     BrokerConfig,
     Config,
     FeedConfig,
+    FixConfig,
     JournalConfig,
     MetricsConfig,
     RiskConfig,
@@ -57,6 +58,10 @@ class DemoOptions:
     metrics: bool = True
     metrics_port: int = 0
     samples_out: Path | None = None  # write every tick-to-order sample (µs) here, one per line
+    broker: str = "sim"  # "sim": start the broker simulator; "fix44"/"fix42": a FIX acceptor on broker_port
+    broker_port: int | None = None
+    fix_sender: str = "TRADINGD"
+    fix_target: str = "EXECUTOR"
 
 
 async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -121,7 +126,21 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             f"demo: {source}: {total_bars} bars, {len(symbols)} symbols, {total_minutes} minutes",
         )
 
-        broker, broker_port = await _spawn("broker-sim", "--port", "0", "--log", str(broker_log))
+        broker: asyncio.subprocess.Process | None = None
+        if options.broker == "sim":
+            broker, broker_port = await _spawn("broker-sim", "--port", "0", "--log", str(broker_log))
+            broker_config = BrokerConfig(port=broker_port)
+        else:
+            if options.broker_port is None:
+                raise DemoError(f"--broker {options.broker} needs --broker-port (a FIX acceptor on 127.0.0.1)")
+            broker_config = BrokerConfig(
+                protocol=options.broker,  # type: ignore[arg-type]
+                port=options.broker_port,
+                # A fresh session each demo: both sides start from 1 (141=Y).
+                fix=FixConfig(
+                    sender_comp_id=options.fix_sender, target_comp_id=options.fix_target, reset_on_logon=True
+                ),
+            )
         feed = None
         daemon = None
         try:
@@ -129,7 +148,7 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             config = Config(
                 feed=FeedConfig(port=feed_port),
                 universe=UniverseConfig(symbols=symbols),
-                broker=BrokerConfig(port=broker_port),
+                broker=broker_config,
                 metrics=MetricsConfig(enabled=options.metrics, port=options.metrics_port),
                 journal=JournalConfig(path=str(work / "journal.msgpack"), fsync="none"),
                 admin=AdminConfig(socket=str(work / "admin.sock"), operators=(os.getuid(),)),
@@ -169,7 +188,14 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
             _progress(progress, f"demo: replayed {total_minutes} minutes in {replay_s:.2f} s", final=True)
             await daemon.shutdown()
             daemon = None
-            summary = _summary(runtime, stats, engine, total_bars, total_minutes, replay_s, broker_log)
+            summary = _summary(
+                runtime, stats, engine, total_bars, total_minutes, replay_s, broker_log if broker is not None else None
+            )
+            summary["broker"] = (
+                "broker simulator"
+                if options.broker == "sim"
+                else f"{options.broker} {options.fix_sender}->{options.fix_target} at 127.0.0.1:{options.broker_port}"
+            )
             if options.samples_out is not None:
                 samples = stats.tick_to_order.samples()
                 options.samples_out.write_text("".join(f"{ns / 1000:.1f}\n" for ns in samples.tolist()))
@@ -184,11 +210,18 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
 
 
 def _summary(
-    runtime: Runtime, s: Stats, engine: Engine, total_bars: int, total_minutes: int, replay_s: float, broker_log: Path
+    runtime: Runtime,
+    s: Stats,
+    engine: Engine,
+    total_bars: int,
+    total_minutes: int,
+    replay_s: float,
+    broker_log: Path | None,
 ) -> dict[str, Any]:
     rejected = dict(sorted(s.bars_rejected.items()))
     denied = dict(sorted(s.orders_denied.items()))
-    broker_received = sum(1 for _ in broker_log.open()) if broker_log.exists() else 0
+    # The simulator logs what it received; a FIX acceptor's word is its acknowledgements.
+    broker_received = None if broker_log is None else sum(1 for _ in broker_log.open()) if broker_log.exists() else 0
     open_orders = len(runtime.book.working)
     return {
         "bars": {
@@ -217,6 +250,7 @@ def _summary(
             "rejected_by_broker": s.orders_rejected,
             "open": open_orders,
             "received_by_broker": broker_received,
+            "acknowledged_by_broker": s.orders_acked,
             "parked": s.reviews_parked,
             "approved": s.reviews_approved,
             "rejected": s.reviews_rejected,
@@ -263,6 +297,7 @@ def render_text(summary: dict[str, Any]) -> str:
         f"orders         intents {o['intents']}  sent {o['sent']}"
         f"  denied {sum(o['denied'].values())} {o['denied'] or ''}"
         f"  parked {o['parked']}  filled {o['filled']}  broker received {o['received_by_broker']}"
+        f"  acknowledged {o['acknowledged_by_broker']}"
         f"  -> {'balanced' if o['balanced'] else 'NOT BALANCED'}",
         f"halts          {', '.join(summary['halts']) or 'none'}",
         lat_line("tick_to_order"),

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from broker import protocol as wire
-from broker.client import GatewayClient
+from broker.client import Gateway
 from broker.journal import Journal
 from broker.orders import FINAL, Order, OrderBook, OrderState
 from daemon.batcher import Batch
@@ -83,7 +83,7 @@ class OrderDesk:
         self.reviews = ReviewQueue()
         self.book = OrderBook()
         self.kill = False
-        self.gateway: GatewayClient | None = None
+        self.gateway: Gateway | None = None
         self.reconciled = False
         self.session = 1
         self._order_seq = 0
@@ -184,8 +184,9 @@ class OrderDesk:
             self.journal.append("abandoned", wall, id=cl_ord_id, detail="never reached the broker")
             self.book.apply(self._report(order, wire.ExecStatus.REJECTED, 0, 0.0, "never reached the broker"))
             differences.append(f"{cl_ord_id}: never reached the broker; closed, not resent")
-        for symbol in sorted(set(status.positions) | set(self.book.positions)):
-            ours, theirs = self.book.positions.get(symbol, 0), status.positions.get(symbol, 0)
+        broker_positions = status.positions if status.positions is not None else self.book.positions
+        for symbol in sorted(set(broker_positions) | set(self.book.positions)):
+            ours, theirs = self.book.positions.get(symbol, 0), broker_positions.get(symbol, 0)
             if ours != theirs:
                 differences.append(f"position {symbol}: journal {ours}, broker {theirs}; taking the broker's")
                 self.book.positions[symbol] = theirs
@@ -420,6 +421,8 @@ class OrderDesk:
 
     def _apply_report(self, report: wire.ExecReport, wall: int) -> None:
         s = self.stats
+        known = self.book.orders.get(report.cl_ord_id)
+        was_sent = known is not None and known.state is OrderState.SENT
         problem = self.book.apply(report)
         if problem is not None:
             s.reports_ignored[problem] += 1
@@ -446,6 +449,8 @@ class OrderDesk:
                 position=self.book.positions.get(report.symbol, 0),
             )
         state = self.book.orders[report.cl_ord_id].state
+        if was_sent and state is not OrderState.REJECTED:
+            s.orders_acked += 1  # the broker's first word on the order, and not a refusal
         if state is OrderState.FILLED:
             s.orders_filled += 1
         elif state is OrderState.REJECTED:

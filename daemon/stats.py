@@ -129,6 +129,7 @@ class Stats:
     intents: int = 0
     orders_sent: int = 0
     orders_denied: Counter[str] = field(default_factory=Counter)
+    orders_acked: int = 0
     orders_filled: int = 0
     orders_rejected: int = 0
     orders_canceled: int = 0

@@ -89,7 +89,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: s
 class Rig:
     daemon: Daemon
     feed: ScriptedFeed
-    broker: BrokerSimulator
+    broker: BrokerSimulator | None  # None when the rig trades with an external broker
     writer: asyncio.StreamWriter
 
 
@@ -114,14 +114,17 @@ async def running_rig(
     symbols: tuple[str, ...] = ("AAA", "BBB"),
     sim: SimConfig | None = None,
     notifier: Notifier | None = None,
+    broker_port: int | None = None,
     **sections: object,
 ) -> AsyncIterator[Rig]:
-    """Broker simulator + scripted feed + daemon (real engine) on loopback, torn down after."""
-    broker = BrokerSimulator(sim or SimConfig(), tmp / "broker.jsonl")
+    """Broker simulator (or, with ``broker_port``, a broker already listening there) + scripted
+    feed + daemon (real engine) on loopback, torn down after."""
+    broker = BrokerSimulator(sim or SimConfig(), tmp / "broker.jsonl") if broker_port is None else None
     feed = ScriptedFeed()
-    broker_port = await broker.start()
+    port = await broker.start() if broker is not None else broker_port
+    assert port is not None
     feed_port = await feed.start()
-    daemon = Daemon(rig_config(tmp, feed_port, broker_port, symbols, **sections), notifier=notifier)
+    daemon = Daemon(rig_config(tmp, feed_port, port, symbols, **sections), notifier=notifier)
     try:
         await daemon.start()
         writer = await feed.next_connection()
@@ -129,4 +132,5 @@ async def running_rig(
     finally:
         await daemon.shutdown(deadline_s=2.0)
         await feed.close()
-        await broker.close()
+        if broker is not None:
+            await broker.close()

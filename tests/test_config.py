@@ -52,6 +52,7 @@ def test_example_config_loads_and_shows_every_key() -> None:
         "risk.halt.cooloff_s",  # shown commented out
         "engine.failover.budget_us",
         "engine.primary.inject",
+        "broker.fix.store",
     }
     missing = _fields(Config) - documented
     assert not missing, f"deploy/tradingd.example.toml does not document {sorted(missing)}"
