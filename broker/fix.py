@@ -103,12 +103,12 @@ class FixFramer:
         frames = []
         while True:
             buf = self._buf
-            if not buf:
+            if len(buf) < 2:
                 break
             if not buf.startswith(b"8="):
                 raise FixFrameError(f"expected BeginString (8=), got {bytes(buf[:16])!r}")
             first = buf.find(SOH)
-            if first < 0 or first + 1 >= len(buf):
+            if first < 0 or first + 3 > len(buf):
                 break
             end_len = buf.find(SOH, first + 1)
             if end_len < 0:
