@@ -238,6 +238,8 @@ class FixGatewayClient:
         status_timeout_s: float = 2.0,
         reset_on_logon: bool = False,
         accept_peer_reset: bool = False,
+        mono_ns: Callable[[], int] = time.monotonic_ns,
+        wall_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.host, self.port = host, port
         self.begin_string = BEGIN_STRINGS[protocol]
@@ -249,6 +251,7 @@ class FixGatewayClient:
         self.status_timeout_s = status_timeout_s
         self.reset_on_logon = reset_on_logon
         self.accept_peer_reset = accept_peer_reset
+        self._mono_ns, self._wall_ns = mono_ns, wall_ns
         self._order_seqs: dict[int, str] = {}  # MsgSeqNum of each NewOrderSingle -> ClOrdID
         self.store = FixSeqStore(store)
         self.stats = FixStats()
@@ -328,6 +331,9 @@ class FixGatewayClient:
                 self._request_status(message.cl_ord_ids)
         return True
 
+    def _now(self) -> float:
+        return self._mono_ns() / 1e9
+
     # -- connection -----------------------------------------------------------------------
 
     def _tcp_event(self, kind: str, detail: str) -> None:
@@ -339,7 +345,7 @@ class FixGatewayClient:
 
     def _attach(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._last_received = time.monotonic()
+        self._last_received = self._now()
         if self.reset_on_logon:
             self.store.reset()
         fields: list[tuple[int, object]] = [(98, "0"), (HEARTBT_INT, self.heartbeat_s)]
@@ -396,7 +402,7 @@ class FixGatewayClient:
         raw = m.encode()
         transport.write(raw)
         log.debug("fix_out", message=raw.replace(SOH, b"|").decode(errors="replace"))
-        self._last_sent = time.monotonic()
+        self._last_sent = self._now()
         self.stats.sent += 1
         return seq
 
@@ -419,7 +425,7 @@ class FixGatewayClient:
         self._drop(f"garbled stream: {why}")
 
     def _on_frame(self, frame: Frame) -> None:
-        self._last_received = time.monotonic()
+        self._last_received = self._now()
         self._test_request_pending = None
         if not frame.checksum_ok:
             # FIX: a garbled message is ignored, its sequence number not consumed; the gap it
@@ -580,7 +586,7 @@ class FixGatewayClient:
         interval = float(self.heartbeat_s)
         while self._logged_on:
             await asyncio.sleep(min(1.0, interval / 4))
-            now = time.monotonic()
+            now = self._now()
             if now - self._last_sent >= interval:
                 self._send(HEARTBEAT, [])
             silent = now - self._last_received
@@ -627,7 +633,7 @@ class FixGatewayClient:
                 last_px=float(text(m, LAST_PX) or 0.0),
                 cum_qty=int(float(text(m, CUM_QTY) or 0)),
                 leaves_qty=int(float(text(m, LEAVES_QTY) or 0)),
-                ts=time.time_ns(),
+                ts=self._wall_ns(),
                 text=text(m, TEXT),
             )
         )
@@ -650,7 +656,7 @@ class FixGatewayClient:
             self.on_report(
                 wire.ExecReport(
                     order.cl_ord_id, f"reject-{ref_seq}", wire.ExecStatus.REJECTED, order.symbol, order.side, 0, 0.0,
-                    0, 0, time.time_ns(), reason,
+                    0, 0, self._wall_ns(), reason,
                 )
             )  # fmt: skip
         else:
@@ -673,7 +679,7 @@ class FixGatewayClient:
             self.on_report(
                 wire.ExecReport(
                     ref_id, f"bmr-{ref_id}", wire.ExecStatus.REJECTED, order.symbol, order.side, 0, 0.0, 0, 0,
-                    time.time_ns(), text(m, TEXT) or "business message reject",
+                    self._wall_ns(), text(m, TEXT) or "business message reject",
                 )
             )  # fmt: skip
 
@@ -728,7 +734,7 @@ class FixGatewayClient:
             task.cancel()
         log.info("fix_reconcile", detail=why, answered=len(self._status_orders), unknown=len(self._status_unknown))
         # FIX has no position report here: positions stay as the journal has them (None).
-        self.on_status(wire.Status(self._status_orders, self._status_unknown, None, time.time_ns()))
+        self.on_status(wire.Status(self._status_orders, self._status_unknown, None, self._wall_ns()))
         self._status_orders, self._status_unknown, self._status_wanted = [], [], set()
 
 

@@ -184,6 +184,8 @@ class Daemon:
                 status_timeout_s=fx.status_timeout_s,
                 reset_on_logon=fx.reset_on_logon,
                 accept_peer_reset=fx.accept_peer_reset,
+                mono_ns=self.clock.mono_ns,
+                wall_ns=self.clock.wall_ns,
             )
         desk.gateway = self.gateway
         self._tasks.append(asyncio.create_task(self.gateway.run(), name="broker"))

@@ -365,3 +365,46 @@ def test_demo_trades_with_a_fix_acceptor_and_counts_its_acknowledgements_and_fil
     assert orders["sent"] > 0 and orders["acknowledged_by_broker"] == orders["filled"] == orders["sent"]
     assert facts["peer_received_orders"] == orders["sent"] and orders["balanced"]
     assert facts["summary"]["broker"].startswith("fix44 TRADINGD->EXECUTOR")
+
+
+async def test_open_orders_are_reconciled_by_order_status_request_or_left_to_the_journal(tmp_path: Path) -> None:
+    statuses: list[wire.Status] = []
+    async with session(tmp_path, status_timeout_s=5.0) as (acceptor, client, _):
+        client.on_status = statuses.append
+        client.send(wire.NewOrder("W-1", "AAA", wire.Side.BUY, 10, 12.5, 0))
+        client.send(wire.StatusRequest(["W-1"], 0))
+        await wait_for(lambda: bool(acceptor.of_type("H")), what="OrderStatusRequest")
+        (request,) = acceptor.of_type("H")
+        assert (text(request, 11), text(request, 55), text(request, 54)) == ("W-1", "AAA", "1")
+        acceptor.send(fix("8", 2, (37, "O1"), (17, "S1"), (150, "I"), (39, "1"), (11, "W-1"), (55, "AAA"), (54, "1"),
+                          (38, 10), (44, 12.5), (14, 4), (6, 12.5), (151, 6)))  # fmt: skip
+        await wait_for(lambda: bool(statuses), what="the status")
+        (status,) = statuses
+        assert status.positions is None and status.unknown == []
+        assert [(o.cl_ord_id, o.status, o.cum_qty, o.avg_px) for o in status.orders] == [
+            ("W-1", wire.ExecStatus.PARTIALLY_FILLED, 4, 12.5)
+        ]
+        # A peer that does not support the request: the journal's state stands, at once.
+        client.send(wire.StatusRequest(["W-1"], 0))
+        await wait_for(lambda: len(acceptor.of_type("H")) == 2, what="second request")
+        acceptor.send(fix("j", 3, (45, 9), (372, "H"), (380, 3), (58, "Unsupported Message Type")))
+        await wait_for(lambda: len(statuses) == 2, what="the journal's word")
+        assert statuses[1].orders == [] and statuses[1].positions is None
+
+
+async def test_a_business_reject_of_an_order_rejects_it_and_a_sequence_reset_moves_the_numbers(tmp_path: Path) -> None:
+    async with session(tmp_path) as (acceptor, client, seen):
+        client.send(wire.NewOrder("J-1", "AAA", wire.Side.SELL, 3, 9.5, 0))
+        await wait_for(lambda: bool(acceptor.of_type("D")), what="the order")
+        acceptor.send(fix("j", 2, (45, 2), (372, "D"), (379, "J-1"), (380, 2), (58, "Unknown security")))
+        await wait_for(lambda: bool(seen.reports), what="the rejection")
+        assert (seen.reports[0].cl_ord_id, seen.reports[0].status, seen.reports[0].text) == (
+            "J-1",
+            wire.ExecStatus.REJECTED,
+            "Unknown security",
+        )
+        acceptor.send(fix("4", 99, (36, 50)))  # reset mode: MsgSeqNum is ignored
+        await wait_for(lambda: client.store.next_in == 50, what="the reset")
+        acceptor.send(fix("4", 50, (36, 10)))  # a reset backwards is refused
+        await wait_for(lambda: bool(acceptor.of_type("3")), what="the refusal")
+        assert text(acceptor.of_type("3")[0], 373) == "5" and client.store.next_in == 50
