@@ -240,6 +240,7 @@ class FixGatewayClient:
         accept_peer_reset: bool = False,
         mono_ns: Callable[[], int] = time.monotonic_ns,
         wall_ns: Callable[[], int] = time.time_ns,
+        known_order: Callable[[str], wire.NewOrder | None] = lambda _: None,
     ) -> None:
         self.host, self.port = host, port
         self.begin_string = BEGIN_STRINGS[protocol]
@@ -252,6 +253,8 @@ class FixGatewayClient:
         self.reset_on_logon = reset_on_logon
         self.accept_peer_reset = accept_peer_reset
         self._mono_ns, self._wall_ns = mono_ns, wall_ns
+        # Orders sent by an earlier process (the journal's), for status requests after a restart.
+        self._known_order = known_order
         self._order_seqs: dict[int, str] = {}  # MsgSeqNum of each NewOrderSingle -> ClOrdID
         self.store = FixSeqStore(store)
         self.stats = FixStats()
@@ -692,7 +695,9 @@ class FixGatewayClient:
             self._finish_status("no open orders")
             return
         for cl_ord_id in cl_ord_ids:
-            known = self._orders.get(cl_ord_id)
+            known = self._orders.get(cl_ord_id) or self._known_order(cl_ord_id)
+            if known is not None:
+                self._orders[cl_ord_id] = known
             fields: list[tuple[int, object]] = [(CL_ORD_ID, cl_ord_id)]
             if known is not None:
                 fields += [(SYMBOL, known.symbol), (SIDE, SIDES[known.side])]

@@ -186,6 +186,7 @@ class Daemon:
                 accept_peer_reset=fx.accept_peer_reset,
                 mono_ns=self.clock.mono_ns,
                 wall_ns=self.clock.wall_ns,
+                known_order=desk.sent_order,
             )
         desk.gateway = self.gateway
         self._tasks.append(asyncio.create_task(self.gateway.run(), name="broker"))

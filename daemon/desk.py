@@ -153,6 +153,13 @@ class OrderDesk:
                 log.warning("intent_abandoned", id=order.cl_ord_id, detail="stopped before the decision")
         self.journal.sync()
 
+    def sent_order(self, cl_ord_id: str) -> wire.NewOrder | None:
+        """An order as it was sent, from the book (which the journal rebuilt); None if unknown."""
+        order = self.book.orders.get(cl_ord_id)
+        if order is None:
+            return None
+        return wire.NewOrder(order.cl_ord_id, order.symbol, order.side, order.qty, order.price, order.ts_send)
+
     def status_request(self) -> wire.StatusRequest:
         """Ask the broker about every order sent and not yet final: the book's working orders."""
         return wire.StatusRequest(cl_ord_ids=list(self.book.working), ts=self.clock.wall_ns())

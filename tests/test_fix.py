@@ -408,3 +408,13 @@ async def test_a_business_reject_of_an_order_rejects_it_and_a_sequence_reset_mov
         acceptor.send(fix("4", 50, (36, 10)))  # a reset backwards is refused
         await wait_for(lambda: bool(acceptor.of_type("3")), what="the refusal")
         assert text(acceptor.of_type("3")[0], 373) == "5" and client.store.next_in == 50
+
+
+async def test_after_a_restart_a_status_request_names_the_journals_order_in_full(tmp_path: Path) -> None:
+    journaled = wire.NewOrder("OLD-1", "BBB", wire.Side.SELL, 7, 21.5, 0)
+    known = {journaled.cl_ord_id: journaled}
+    async with session(tmp_path, known_order=known.get) as (acceptor, client, _):
+        client.send(wire.StatusRequest(["OLD-1"], 0))
+        await wait_for(lambda: bool(acceptor.of_type("H")), what="OrderStatusRequest")
+        (request,) = acceptor.of_type("H")
+        assert (text(request, 11), text(request, 55), text(request, 54)) == ("OLD-1", "BBB", "2")
