@@ -25,10 +25,11 @@ import asyncio
 import itertools
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import simplefix
 import structlog
@@ -37,11 +38,16 @@ from broker import protocol as wire
 from broker.reconnect import Backoff, ClosingProtocol, keep_connected
 
 log = structlog.get_logger("tradingd.fix")
+K = TypeVar("K")
+V = TypeVar("V")
 
 SOH = b"\x01"
 BEGIN_STRINGS = {"fix44": "FIX.4.4", "fix42": "FIX.4.2"}
 TIF = {"day": "0", "gtc": "1", "ioc": "3", "fok": "4"}
 MAX_FRAME = 64 * 1024
+# Orders, order MsgSeqNums and ExecIDs remembered per session, oldest forgotten first (the
+# desk's book, which the journal rebuilds, answers for orders older than that).
+RECENT = 10_000
 
 # Tags
 BEGIN_STRING, BODY_LENGTH, CHECKSUM, MSG_TYPE, MSG_SEQ_NUM = 8, 9, 10, 35, 34
@@ -255,7 +261,7 @@ class FixGatewayClient:
         self._mono_ns, self._wall_ns = mono_ns, wall_ns
         # Orders sent by an earlier process (the journal's), for status requests after a restart.
         self._known_order = known_order
-        self._order_seqs: dict[int, str] = {}  # MsgSeqNum of each NewOrderSingle -> ClOrdID
+        self._order_seqs: OrderedDict[int, str] = OrderedDict()  # MsgSeqNum of each NewOrderSingle -> ClOrdID
         self.store = FixSeqStore(store)
         self.stats = FixStats()
         self._transport: asyncio.Transport | None = None
@@ -264,8 +270,8 @@ class FixGatewayClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_sent = self._last_received = 0.0
         self._test_request_pending: str | None = None
-        self._exec_ids: set[str] = set()
-        self._orders: dict[str, wire.NewOrder] = {}  # what was sent, for status requests and cancels
+        self._exec_ids: OrderedDict[str, None] = OrderedDict()
+        self._orders: OrderedDict[str, wire.NewOrder] = OrderedDict()  # what was sent, for cancels and status
         self._status_wanted: set[str] = set()
         self._status_orders: list[wire.OrderStatus] = []
         self._status_unknown: list[str] = []
@@ -280,6 +286,12 @@ class FixGatewayClient:
         return self._logged_on
 
     async def run(self) -> None:
+        try:
+            await self._keep_logged_on()
+        finally:
+            self.store.close()
+
+    async def _keep_logged_on(self) -> None:
         await keep_connected(
             lambda: _FixProtocol(self),
             self.host,
@@ -301,7 +313,7 @@ class FixGatewayClient:
             return False
         match message:
             case wire.NewOrder():
-                self._orders[message.cl_ord_id] = message
+                _remember(self._orders, message.cl_ord_id, message)
                 seq = self._send(
                     NEW_ORDER_SINGLE,
                     [
@@ -317,9 +329,9 @@ class FixGatewayClient:
                     ],
                 )
                 if seq is not None:
-                    self._order_seqs[seq] = message.cl_ord_id
+                    _remember(self._order_seqs, seq, message.cl_ord_id)
             case wire.Cancel():
-                original = self._orders.get(message.orig_cl_ord_id)
+                original = self._order(message.orig_cl_ord_id)
                 fields: list[tuple[int, object]] = [
                     (ORIG_CL_ORD_ID, message.orig_cl_ord_id),
                     (CL_ORD_ID, message.cl_ord_id),
@@ -610,7 +622,7 @@ class FixGatewayClient:
             self.stats.duplicates_ignored += 1
             return
         if exec_id:
-            self._exec_ids.add(exec_id)
+            _remember(self._exec_ids, exec_id, None)
         exec_type = text(m, EXEC_TYPE)
         ord_status = text(m, ORD_STATUS)
         cl_ord_id = text(m, CL_ORD_ID)
@@ -623,7 +635,7 @@ class FixGatewayClient:
         if status is None:
             log.warning("fix_exec_report_ignored", id=cl_ord_id, ord_status=ord_status, exec_type=exec_type)
             return
-        original = self._orders.get(cl_ord_id)
+        original = self._order(cl_ord_id)
         side = SIDE_OF.get(text(m, SIDE)) or (original.side if original else wire.Side.BUY)
         self.on_report(
             wire.ExecReport(
@@ -653,7 +665,7 @@ class FixGatewayClient:
             text=text(m, TEXT),
         )
         cl_ord_id = self._order_seqs.get(int(ref_seq)) if ref_seq.isdigit() else None
-        order = self._orders.get(cl_ord_id) if cl_ord_id else None
+        order = self._order(cl_ord_id) if cl_ord_id else None
         if order is not None:
             # The peer refused the order itself (a field it does not accept): the order is over.
             self.on_report(
@@ -677,7 +689,7 @@ class FixGatewayClient:
             # The peer cannot answer status requests: reconcile from the journal alone.
             self._finish_status(f"peer does not support OrderStatusRequest: {text(m, TEXT)}")
             return
-        order = self._orders.get(ref_id)
+        order = self._order(ref_id)
         if ref_type == NEW_ORDER_SINGLE and order is not None:
             self.on_report(
                 wire.ExecReport(
@@ -685,6 +697,10 @@ class FixGatewayClient:
                     self._wall_ns(), text(m, TEXT) or "business message reject",
                 )
             )  # fmt: skip
+
+    def _order(self, cl_ord_id: str) -> wire.NewOrder | None:
+        """An order as sent: this session's memory, else the journal's (through the desk)."""
+        return self._orders.get(cl_ord_id) or self._known_order(cl_ord_id)
 
     # -- reconciliation -------------------------------------------------------------------
 
@@ -695,9 +711,7 @@ class FixGatewayClient:
             self._finish_status("no open orders")
             return
         for cl_ord_id in cl_ord_ids:
-            known = self._orders.get(cl_ord_id) or self._known_order(cl_ord_id)
-            if known is not None:
-                self._orders[cl_ord_id] = known
+            known = self._order(cl_ord_id)
             fields: list[tuple[int, object]] = [(CL_ORD_ID, cl_ord_id)]
             if known is not None:
                 fields += [(SYMBOL, known.symbol), (SIDE, SIDES[known.side])]
@@ -717,7 +731,7 @@ class FixGatewayClient:
         if status is wire.ExecStatus.REJECTED and "unknown" in text(m, TEXT).lower():
             self._status_unknown.append(cl_ord_id)
         elif status is not None:
-            original = self._orders.get(cl_ord_id)
+            original = self._order(cl_ord_id)
             self._status_orders.append(
                 wire.OrderStatus(
                     cl_ord_id=cl_ord_id,
@@ -741,6 +755,12 @@ class FixGatewayClient:
         # FIX has no position report here: positions stay as the journal has them (None).
         self.on_status(wire.Status(self._status_orders, self._status_unknown, None, self._wall_ns()))
         self._status_orders, self._status_unknown, self._status_wanted = [], [], set()
+
+
+def _remember(table: OrderedDict[K, V], key: K, value: V) -> None:
+    table[key] = value
+    if len(table) > RECENT:
+        table.popitem(last=False)
 
 
 def _utc(ns: int) -> str:

@@ -272,8 +272,7 @@ class Daemon:
 
     def _start_gpu_monitor(self, engines: EngineSet) -> None:
         cfg = self.config
-        trt = [e for e, c in ((engines.primary, cfg.engine.primary), (engines.standby, cfg.engine.standby)) if e and c]
-        if not any(e.backend == "tensorrt" for e in trt):
+        if not any(e.backend == "tensorrt" for e in engines.engines):
             return
         g = cfg.engine.gpu
         loop = self._loop

@@ -66,11 +66,6 @@ class EngineSet:
         return tuple(e for e in (self.primary, self.standby) if e is not None)
 
     @property
-    def reference(self) -> Engine:
-        """The engine whose manifest and buckets the runtime is built around."""
-        return self.active
-
-    @property
     def max_rows(self) -> int:
         """The most rows one batch may hold: the smaller of the engines' largest buckets."""
         return min(e.buckets[-1] for e in self.engines)
@@ -99,34 +94,31 @@ class EngineSet:
     def run(self, engine: Engine, bucket: int, n: int) -> Outcome:
         """Infer the batch already gathered into ``engine``'s ``bucket`` buffer (its first ``n`` rows)."""
         started = self.now_ns()
-        raised: str | None = None
-        logits: npt.NDArray[np.float32] | None = None
+        # Only a primary with a standby behind it is judged; any other engine's fault is raised.
+        guarded = engine is self.primary and self.standby is not None
         try:
             logits = engine.infer(bucket)
         except Exception as exc:
-            if engine is not self.primary or self.standby is None:
+            if not guarded:
                 raise
-            raised = f"{type(exc).__name__}: {exc}"
-        elapsed = self.now_ns() - started
-        if engine is not self.primary or self.standby is None:
-            assert logits is not None
-            return Outcome(logits, elapsed, engine.name)
-        finite = raised is not None or bool(np.isfinite(logits[:n]).all())  # type: ignore[index]
-        verdict = self.policy.observe(elapsed, raised=raised, finite=finite)
-        if verdict is None:
-            assert logits is not None
-            return Outcome(logits, elapsed, engine.name)
+            verdict = self.policy.observe(self.now_ns() - started, raised=f"{type(exc).__name__}: {exc}")
+        else:
+            elapsed = self.now_ns() - started
+            if not guarded:
+                return Outcome(logits, elapsed, engine.name)
+            verdict = self.policy.observe(elapsed, finite=bool(np.isfinite(logits[:n]).all()))
+            if verdict is None:
+                return Outcome(logits, elapsed, engine.name)
+        assert verdict is not None and self.standby is not None
         event = self._fail_over(verdict)
-        if verdict.reason in RERUN:
-            standby = self.standby
-            sb = standby.bucket_for(n)
-            buf = standby.input_buffer(sb)
-            buf[:n] = engine.input_buffer(bucket)[:n]
-            buf[n:] = 0.0
-            logits = standby.infer(sb)
-            return Outcome(logits, self.now_ns() - started, standby.name, event)
-        assert logits is not None
-        return Outcome(logits, elapsed, engine.name, event)
+        if verdict.reason not in RERUN:
+            return Outcome(logits, elapsed, engine.name, event)  # late, but valid
+        standby = self.standby
+        sb = standby.bucket_for(n)
+        buf = standby.input_buffer(sb)
+        buf[:n] = engine.input_buffer(bucket)[:n]
+        buf[n:] = 0.0
+        return Outcome(standby.infer(sb), self.now_ns() - started, standby.name, event)
 
     def _fail_over(self, verdict: Verdict) -> FailoverEvent:
         assert self.standby is not None and self.primary is not None

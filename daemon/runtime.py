@@ -63,7 +63,7 @@ class Runtime:
         self.engines = engines
         self.clock = clock
         self.stats = stats or Stats()
-        manifest = engines.reference.manifest
+        manifest = engines.active.manifest  # both engines share window and features
         self.symbols = config.universe.symbols
         self.windows = FeatureWindows(self.symbols, manifest.window, manifest.features)
         max_batch = min(config.batch.max_batch, engines.max_rows)

@@ -115,7 +115,7 @@ def _collecting_logger(trt: ModuleType) -> Any:
 class _Bucket:
     """One batch bucket: its context, pinned host and device buffers, and maybe a CUDA graph."""
 
-    def __init__(self, trt: ModuleType, engine: Any, profile: int, bucket: int, m: Manifest, stream: Stream) -> None:
+    def __init__(self, engine: Any, profile: int, bucket: int, m: Manifest, stream: Stream) -> None:
         self.size = bucket
         self.context = engine.create_execution_context()
         if self.context is None:
@@ -177,9 +177,7 @@ class TensorRTEngine:
             raise ModelMismatchError(str(self.path), "batch_buckets", sorted(profiles), list(self.buckets))
 
         self._stream = Stream()
-        self._buckets = {
-            b: _Bucket(trt, self._engine, profiles[b], b, self.manifest, self._stream) for b in self.buckets
-        }
+        self._buckets = {b: _Bucket(self._engine, profiles[b], b, self.manifest, self._stream) for b in self.buckets}
         self._stream.synchronize()
         self._lock = threading.Lock()
         self._inferences = 0
