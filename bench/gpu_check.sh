@@ -5,9 +5,13 @@
 #
 # Installs the wheels in WHEEL_DIR (if given) into a private folder, runs the gpu-marked tests,
 # then bench/gpu_check.py (copy latency pinned vs pageable per bucket, CUDA-graph replay vs plain
-# launch, NVML readings, the Qwen model in fp16 with CUDA graphs, the lean TensorRT runtime).
-# Writes into OUT_DIR: gpu_check.json, gpu_check.md, gpu-tests.log, gpu-tests.xml, nvidia-smi.txt.
-# Exits non-zero if a test or a measurement failed. ITERS (default 2000) sets the samples per figure.
+# launch, NVML readings, the Qwen model in fp16 with CUDA graphs at batch sizes 1 to 8,192 and the
+# GPU-time table built from it, the lean TensorRT runtime, then a sustained load: the largest
+# bucket back to back with NVML read every second).
+# Writes into OUT_DIR: gpu_check.json, gpu_check.md, gpu_load.json, gpu-tests.log, gpu-tests.xml,
+# nvidia-smi.txt. Exits non-zero if a test or a measurement failed. ITERS (default 2000) sets the
+# samples per figure, LOAD_SECONDS (default 120) the sustained load, BUCKETS (comma-separated)
+# the batch sizes. Plot the load afterwards, anywhere: python -m bench.gpu_load plot OUT_DIR/gpu_load.json X.png
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bench/gpu_check.sh OUT_DIR [WHEEL_DIR]}
@@ -41,7 +45,8 @@ echo "gpu_check: gpu-marked tests"
 tests_rc=${PIPESTATUS[0]}
 
 echo "gpu_check: measurements"
-"$py" bench/gpu_check.py --out "$out" --iters "${ITERS:-2000}"
+"$py" bench/gpu_check.py --out "$out" --iters "${ITERS:-2000}" --load-seconds "${LOAD_SECONDS:-120}" \
+    ${BUCKETS:+--buckets "$BUCKETS"}
 check_rc=$?
 
 echo "gpu_check: tests rc=$tests_rc, measurements rc=$check_rc"

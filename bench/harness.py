@@ -38,6 +38,7 @@ import msgpack
 from hdrh.histogram import HdrHistogram
 
 from broker.journal import read_journal
+from broker.sim import read_orders
 from daemon.admin import request
 from daemon.feed.protocol import Bar, bar_map, minute_end_map
 from daemon.feed.replay import load_csv, symbols_of
@@ -292,7 +293,7 @@ level = "error"
 
     bar_of = {r["id"]: (r["symbol"], r["ts_event"]) for r in read_journal(journal) if r["kind"] == "intent"}
     hist = HdrHistogram(1, 600_000_000, 3)  # microseconds, up to 10 minutes
-    received = [json.loads(line) for line in broker_log.read_text().splitlines()]
+    received = read_orders(broker_log)
     for order in received:
         key = bar_of.get(order["cl_ord_id"])
         if key is None or key not in driver.intended:

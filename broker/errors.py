@@ -24,3 +24,13 @@ class IllegalTransitionError(BrokerError):
         self.current = current
         self.target = target
         super().__init__(f"order {cl_ord_id}: illegal transition {current} -> {target}")
+
+
+class JournalError(BrokerError):
+    """The journal could not be written, synced or read: what is on disk is no longer known."""
+
+    def __init__(self, path: str, operation: str, cause: BaseException) -> None:
+        self.path = path
+        self.operation = operation
+        self.cause = cause
+        super().__init__(f"journal {path}: {operation} failed: {cause}")

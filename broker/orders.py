@@ -7,6 +7,7 @@ book returns the reason and the caller counts and logs it.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -51,6 +52,21 @@ _REPORT_STATE = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a report was not applied. ``inconsistent`` means it contradicts what is known (the
+    position is no longer certain), as opposed to a harmless repeat or a late word."""
+
+    code: str
+    detail: str
+    inconsistent: bool = False
+
+
+DUPLICATE = "duplicate_exec_id"
+STALE = "stale"
+UNKNOWN = "unknown_order"
+
+
 @dataclass(slots=True)
 class Order:
     cl_ord_id: str
@@ -65,6 +81,9 @@ class Order:
     notional_filled: float = 0.0
     ts_send: int = 0
     reject_text: str = ""
+    exec_ids: set[str] = field(default_factory=set)
+    cancels: int = 0  # cancel ids issued for this order (each cancel request has its own)
+    cancel_pending: bool = False  # a cancel is in flight: another is not sent
 
     @property
     def signed_open_qty(self) -> int:
@@ -79,6 +98,45 @@ class Order:
         self.state = target
 
 
+def check_report(order: Order, report: ExecReport) -> Refusal | None:
+    """Whether ``report`` can be applied to ``order``: fills are taken from ``cum_qty`` (the
+    broker's running total), so a repeated or reordered report can never move a position twice."""
+    oid = order.cl_ord_id
+    if report.exec_id and report.exec_id in order.exec_ids:
+        return Refusal(DUPLICATE, f"{oid}: ExecID {report.exec_id} already applied")
+    if report.symbol != order.symbol or report.side is not order.side:
+        return Refusal(
+            "mismatch", f"{oid}: report for {report.side} {report.symbol}, order is {order.side} {order.symbol}", True
+        )
+    if report.cum_qty > order.qty:
+        return Refusal("overfill", f"{oid}: cum_qty {report.cum_qty} over order qty {order.qty}", True)
+    if report.last_qty < 0 or report.cum_qty < 0 or report.leaves_qty < 0:
+        return Refusal("negative_qty", f"{oid}: last {report.last_qty} cum {report.cum_qty}", True)
+    fill = report.cum_qty - order.filled_qty
+    if fill < 0:
+        return Refusal("cum_qty_backwards", f"{oid}: cum_qty {report.cum_qty} after {order.filled_qty} filled", True)
+    if report.last_qty > fill:
+        return Refusal("last_qty_over_cum", f"{oid}: last_qty {report.last_qty}, cum_qty moved by {fill}", True)
+    if fill and not (math.isfinite(report.last_px) and report.last_px > 0.0):
+        return Refusal("bad_price", f"{oid}: fill of {fill} at {report.last_px}", True)
+    target = _REPORT_STATE[report.status]
+    if order.state in FINAL:
+        if fill:
+            return Refusal("fill_after_final", f"{oid}: {fill} more filled after {order.state}", True)
+        return Refusal(STALE, f"{oid}: {report.status} after {order.state}")
+    if target is OrderState.FILLED and report.cum_qty != order.qty:
+        return Refusal("filled_short", f"{oid}: filled with cum_qty {report.cum_qty} of {order.qty}", True)
+    if target is OrderState.PARTIALLY_FILLED and report.cum_qty in (0, order.qty):
+        return Refusal("partial_not_partial", f"{oid}: partially filled with cum_qty {report.cum_qty}", True)
+    if fill and target in (OrderState.ACKED, OrderState.REJECTED):
+        return Refusal("fill_without_fill_status", f"{oid}: {fill} filled in a {report.status} report", True)
+    if target not in TRANSITIONS[order.state]:
+        if order.state in (OrderState.INTENT, OrderState.PARKED):
+            return Refusal("not_sent", f"{oid}: {report.status} for an order never sent ({order.state})", True)
+        return Refusal(STALE, f"{oid}: {order.state}->{target}")
+    return None
+
+
 @dataclass(slots=True)
 class OrderBook:
     """Orders by client id, with the positions their fills have made."""
@@ -87,6 +145,7 @@ class OrderBook:
     positions: dict[str, int] = field(default_factory=dict)
     open_qty: dict[str, int] = field(default_factory=dict)
     working: dict[str, Order] = field(default_factory=dict)  # sent and not yet final
+    last_fill_px: dict[str, float] = field(default_factory=dict)
     # Final orders are kept for late reports and operators, the most recent ``retain_final`` of
     # them: a daemon that runs for months must not grow with every order it ever sent.
     retain_final: int = 10_000
@@ -105,22 +164,25 @@ class OrderBook:
         self.open_qty[order.symbol] = self.open_qty.get(order.symbol, 0) + order.signed_open_qty
         self.working[order.cl_ord_id] = order
 
-    def apply(self, report: ExecReport) -> str | None:
-        """Apply a report; returns None, or the reason it was not applied."""
+    def apply(self, report: ExecReport) -> Refusal | None:
+        """Apply a report once; returns None, or why it was not applied (nothing changed then)."""
         order = self.orders.get(report.cl_ord_id)
         if order is None:
-            return "unknown_order"
-        target = _REPORT_STATE[report.status]
-        if target not in TRANSITIONS[order.state]:
-            return f"{order.state}->{target}"
-        if report.last_qty < 0 or order.filled_qty + report.last_qty > order.qty:
-            return "overfill"
+            return Refusal(UNKNOWN, f"no order {report.cl_ord_id!r}")
+        refusal = check_report(order, report)
+        if refusal is not None:
+            return refusal
         before = order.signed_open_qty
-        if report.last_qty:
-            signed = report.last_qty if order.side is Side.BUY else -report.last_qty
+        fill = report.cum_qty - order.filled_qty
+        if report.exec_id:
+            order.exec_ids.add(report.exec_id)
+        if fill:
+            signed = fill if order.side is Side.BUY else -fill
             self.positions[order.symbol] = self.positions.get(order.symbol, 0) + signed
-            order.filled_qty += report.last_qty
-            order.notional_filled += report.last_qty * report.last_px
+            order.filled_qty = report.cum_qty
+            order.notional_filled += fill * report.last_px
+            self.last_fill_px[order.symbol] = report.last_px
+        target = _REPORT_STATE[report.status]
         order.move(target)
         if target is OrderState.REJECTED:
             order.reject_text = report.text

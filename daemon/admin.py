@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from broker.errors import IllegalTransitionError, JournalError
 from daemon.config import AdminConfig
 from risk.errors import RiskError
 from risk.failover import FailoverReason
+from risk.states import IllegalStateTransitionError
 
 if TYPE_CHECKING:
     from daemon.desk import OrderDesk
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("tradingd.admin")
 
 MAX_REQUEST_BYTES = 65536
+# Errors about the daemon's own state, not the request: they stop the daemon (fail-stop).
+FATAL = (JournalError, IllegalTransitionError, IllegalStateTransitionError)
 COMMANDS = ("status", "review_list", "review_approve", "review_reject", "halt", "resume", "kill", "failover")
 
 
@@ -107,6 +111,8 @@ class AdminServer:
             result = self._dispatch(cmd, args, uid)
         except (RequestError, RiskError) as exc:
             return _reply(False, str(exc))
+        except FATAL:
+            raise  # not the request's fault: the daemon fail-stops (its loop exception handler)
         except Exception as exc:  # an operator's request must never take the daemon down
             log.exception("admin_error", cmd=cmd)
             return _reply(False, f"internal error: {type(exc).__name__}: {exc}")

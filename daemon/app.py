@@ -8,16 +8,21 @@ its orders go out, then closes the broker connection and the journal, within a d
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import structlog
 
 from broker import protocol as wire
 from broker.client import Gateway, GatewayClient
+from broker.errors import JournalError
 from broker.journal import Journal, recover_journal
 from broker.reconnect import Backoff
 from daemon.admin import AdminServer
@@ -63,6 +68,17 @@ def build_configured(name: str, cfg: EngineConfig) -> Engine:
     return engine
 
 
+SUPERVISE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    made_s: float  # time.monotonic() when the loop made it
+    desk: dict[str, Any]
+    engines: dict[str, object] | None
+    journal_bytes: int
+
+
 class Daemon:
     def __init__(
         self,
@@ -91,6 +107,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._journal: Journal | None = None
         self.admin: AdminServer | None = None
+        self.fatal: str | None = None  # set by fail_stop: why the daemon stopped itself
+        self.snapshot: Snapshot | None = None
 
     async def start(self, on_status: Callable[[str], None] = lambda _: None) -> None:
         """Engines, journal, broker, admin, metrics, feed. READY=1 goes to systemd only once the
@@ -102,7 +120,8 @@ class Daemon:
             on_status(text)
             self.notifier.status(text)
 
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._on_loop_exception)
         status("loading engines")
         self.engines = engines = await asyncio.to_thread(self._load_engines)
         status("warming engines")
@@ -126,7 +145,7 @@ class Daemon:
         records, torn = await asyncio.to_thread(recover_journal, journal_path)
         if torn:
             log.warning("journal_torn_tail", path=str(journal_path), bytes_cut=torn)
-        self._journal = Journal(journal_path, cfg.journal.fsync)
+        self._journal = Journal(journal_path, cfg.journal.fsync, wall_ns=self.clock.wall_ns())
         self.runtime = runtime = Runtime(cfg, engines, self.clock, self._journal, self.stats)
         desk = runtime.desk
         desk.restore(records)
@@ -219,8 +238,7 @@ class Daemon:
             metrics_port=self.metrics_port,
         )
         self._tasks.append(asyncio.create_task(self._announce_ready(on_status), name="ready"))
-        if self.notifier.watchdog_s is not None:
-            self._tasks.append(asyncio.create_task(self._watchdog(self.notifier.watchdog_s), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self._supervise(), name="supervisor"))
 
     async def _announce_ready(self, on_status: Callable[[str], None]) -> None:
         runtime = self.runtime
@@ -230,13 +248,92 @@ class Daemon:
         on_status("running")
         self.ready.set()
 
-    async def _watchdog(self, interval_s: float) -> None:
-        """WATCHDOG=1 from the event loop itself: a blocked loop stops the pings and systemd
-        restarts the daemon."""
+    async def _supervise(self) -> None:
+        """From the event loop itself, every ``SUPERVISE_S``: publish the state snapshot other
+        threads read (metrics), and feed the systemd watchdog only while the minute loop makes
+        progress. A blocked loop stops the pings, and a loop that runs but is stalled (a paused
+        feed with nothing in flight, an inference that never returns) fail-stops: a daemon that
+        looks healthy while not trading is the worst failure."""
+        runtime = self.runtime
+        assert runtime is not None
+        bound_ns = int(self.config.process.stall_s * 1e9)
+        interval = self.notifier.watchdog_s
+        last_ping = 0.0
+        loop = asyncio.get_running_loop()
         while not self._stop.is_set():
-            self.notifier.watchdog()
+            self.publish()
+            stalled = runtime.stalled(bound_ns)
+            if stalled is not None:
+                self.fail_stop("stalled", stalled)
+                return
+            if interval is not None and loop.time() - last_ping >= interval:
+                self.notifier.watchdog()
+                last_ping = loop.time()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=interval_s)
+                await asyncio.wait_for(self._stop.wait(), timeout=SUPERVISE_S)
+
+    def publish(self) -> None:
+        """The loop-owned state as one immutable snapshot, swapped in whole: the metrics thread
+        reads only this, never the loop's live dicts."""
+        runtime = self.runtime
+        if runtime is None:
+            return
+        self.snapshot = Snapshot(
+            made_s=time.monotonic(),
+            desk=runtime.desk.status(),
+            engines=self.engines.status() if self.engines is not None else None,
+            journal_bytes=self._journal.size_bytes() if self._journal is not None else 0,
+        )
+
+    def fresh_snapshot(self, timeout_s: float = 0.25) -> Snapshot:
+        """For another thread (a scrape): a snapshot the loop makes now, or the last one it
+        published when the loop does not answer within ``timeout_s`` (a scrape never hangs)."""
+        loop, last = self._loop, self.snapshot
+        assert last is not None
+        if loop is None or loop.is_closed():
+            return last
+        made: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+
+        def make() -> None:
+            try:
+                self.publish()
+                assert self.snapshot is not None
+                made.set_result(self.snapshot)
+            except Exception as exc:
+                made.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(make)
+            return made.result(timeout=timeout_s)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            return last
+
+    def _on_loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """An exception no callback handled: the daemon cannot reason about its state any more."""
+        exc = context.get("exception")
+        if isinstance(exc, (ConnectionError, TimeoutError)) and not isinstance(exc, JournalError):
+            loop.default_exception_handler(context)  # a peer's socket going away: already handled
+            return
+        self.fail_stop("unhandled exception", f"{context.get('message', '')}: {type(exc).__name__}: {exc}", exc)
+
+    def fail_stop(self, what: str, detail: str, exc: BaseException | None = None) -> None:
+        """Fail-stop: trip the kill switch (journaled as automatic, working orders cancelled) as
+        far as the journal still allows, log, and stop with a non-zero exit so the supervisor
+        restarts the process and the journal replay takes over."""
+        if self.fatal is not None:
+            return
+        self.fatal = f"{what}: {detail}"
+        self.stats.fail_stops += 1
+        log.critical("fail_stop", what=what, detail=detail, error=repr(exc) if exc else None, exc_info=exc)
+        self.notifier.status(f"fail-stop: {what}")
+        runtime = self.runtime
+        if runtime is not None:
+            try:
+                cancels = runtime.desk.trip(self.fatal)
+                log.error("kill_switch_on", uid=None, automatic=True, cancels_sent=cancels)
+            except Exception as trip_error:  # the journal may be what failed: do what can be done
+                log.error("fail_stop_trip_failed", error=f"{type(trip_error).__name__}: {trip_error}")
+        self._stop.set()
 
     def _load_engines(self) -> EngineSet:
         """Primary and standby; a primary that cannot run here leaves the standby serving."""
@@ -325,15 +422,18 @@ class Daemon:
         from prometheus_client import CollectorRegistry, start_http_server  # noqa: PLC0415
 
         registry = CollectorRegistry()
-        desk = self.runtime.desk if self.runtime else None
-        journal = self._journal
+        self.publish()
+
+        def snapshot() -> Snapshot:
+            return self.fresh_snapshot()
+
         registry.register(
             StatsCollector(
                 self.stats,
-                self.engines.status if self.engines else None,
-                desk.status if desk else None,
+                lambda: snapshot().engines or {},
+                lambda: snapshot().desk,
                 self.gpu,
-                (lambda: journal.path.stat().st_size) if journal is not None else None,
+                lambda: snapshot().journal_bytes,
             )
         )
         m = self.config.metrics
@@ -353,7 +453,8 @@ class Daemon:
         if self._feed is not None:
             self._feed.stop()
         runtime = self.runtime
-        if runtime is not None:
+        if runtime is not None and self.fatal is None:
+            # A daemon that stopped itself on a fault sends nothing more: the restart decides.
             runtime.drain_now()
             try:
                 await asyncio.wait_for(runtime.idle_event.wait(), timeout=deadline_s)
@@ -363,6 +464,7 @@ class Daemon:
                     waiting=len(runtime.batcher),
                     detail="gave up on waiting batches",
                 )
+        if runtime is not None:
             open_orders = len(runtime.book.working)
             if open_orders:
                 log.warning("shutdown_open_orders", count=open_orders)
@@ -375,9 +477,15 @@ class Daemon:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=deadline_s)
         if runtime is not None:
-            runtime.close()
+            # After a fail-stop the inference thread may be the thing that hung: never wait on it.
+            runtime.close(wait=self.fatal is None)
         if self._journal is not None:
-            self._journal.close()
+            try:
+                self._journal.close()
+            except JournalError as exc:
+                if self.fatal is None:
+                    raise
+                log.error("journal_close_failed", error=str(exc))
         if self.gpu is not None:
             self.gpu.close()
         if self.engines is not None:
@@ -386,4 +494,9 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        log.info("stopped", bars=self.stats.bars_received, orders_sent=self.stats.orders_sent)
+        log.info(
+            "stopped",
+            bars=self.stats.bars_received,
+            orders_sent=self.stats.orders_sent,
+            fail_stop=self.fatal,
+        )

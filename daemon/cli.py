@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -15,7 +16,9 @@ import orjson
 import structlog
 import uvloop
 
-from daemon.errors import EX_CONFIG, EX_UNAVAILABLE, ConfigError
+from daemon.errors import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError
+from broker.crashpoints import CRASH, CrashPointError
+from broker.errors import JournalError
 from daemon.logs import configure_logging
 from engines.errors import BackendUnavailableError, EngineError, ManifestError, ModelMismatchError
 
@@ -69,11 +72,38 @@ def parse_cpus(text: str) -> set[int]:
             continue
         lo, sep, hi = part.partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ConfigError("TRADINGD_CPUS", "(environment)", f"not a CPU list like '2-3,6': {text!r}")
+            raise ConfigError("(environment)", "TRADINGD_CPUS", f"not a CPU list like '2-3,6': {text!r}")
         cpus.update(range(int(lo), int(hi if sep else lo) + 1))
     if not cpus:
-        raise ConfigError("TRADINGD_CPUS", "(environment)", "empty CPU list")
+        raise ConfigError("(environment)", "TRADINGD_CPUS", "empty CPU list")
     return cpus
+
+
+def pin_cpus(text: str) -> None:
+    """Keep the process on the CPUs of ``TRADINGD_CPUS`` (blank: wherever it was started).
+
+    Under systemd the unit pins the process before it starts (``CPUAffinity=``, in a drop-in
+    written from the environment file: deploy/README.md), because its system-call filter denies
+    ``sched_setaffinity``; so the daemon first checks whether it already runs there, and moves
+    itself only where it does not (a shell, a benchmark). A move the sandbox refuses means the
+    drop-in and the environment file disagree: a configuration error, which names the fix.
+    """
+    if not text.strip():
+        return
+    wanted = parse_cpus(text)
+    current = os.sched_getaffinity(0)
+    if current == wanted:
+        return
+    try:
+        os.sched_setaffinity(0, wanted)
+    except OSError as exc:
+        raise ConfigError(
+            "(environment)",
+            "TRADINGD_CPUS",
+            f"the process runs on CPUs {','.join(map(str, sorted(current)))} and cannot move to {text.strip()} "
+            f"({exc.strerror or exc}); under systemd the unit must pin it: CPUAffinity={text.strip()} in "
+            "/etc/systemd/system/tradingd.service.d/cpus.conf (deploy/README.md: CPU pinning)",
+        ) from exc
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -83,12 +113,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(Path(args.config))
     configure_logging(config.log.level)
-    cpus = os.environ.get("TRADINGD_CPUS", "").strip()
-    if cpus:
-        try:
-            os.sched_setaffinity(0, parse_cpus(cpus))
-        except OSError as exc:
-            raise ConfigError("TRADINGD_CPUS", "(environment)", f"cannot pin to {cpus}: {exc}") from exc
+    if CRASH.error is not None:
+        raise CrashPointError(CRASH.error)
+    if CRASH.armed:
+        log.warning("crash_point_armed", point=CRASH.point, at=CRASH.at, detail="a test setting, never production")
+    pin_cpus(os.environ.get("TRADINGD_CPUS", ""))
     log.info(
         "config",
         file=args.config,
@@ -98,27 +127,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         pid=os.getpid(),
     )
 
-    async def main() -> None:
+    async def main() -> int:
         notifier = Notifier()
         daemon = Daemon(config, config_file=args.config, notifier=notifier)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.request_stop)
+        # A stop may come in any start-up state (the broker unreachable, say): start-up races it.
+        starting = asyncio.create_task(daemon.start(on_status=lambda s: log.info("status", status=s)))
+        stopping = asyncio.create_task(daemon.wait_stopped())
         try:
-            await daemon.start(on_status=lambda s: log.info("status", status=s))
-            await daemon.wait_stopped()
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()  # a start-up error is raised here
+                await stopping
+            else:
+                log.warning("stopped_during_start_up")
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
         finally:
+            stopping.cancel()
             await daemon.shutdown()
             notifier.close()
+        if daemon.fatal is not None:
+            print(f"tradingd run: fail-stop: {daemon.fatal}", file=sys.stderr)
+            return EX_SOFTWARE
+        return 0
 
-    _run_async(main(), loop=args.loop)
-    return 0
+    return _run_async(main(), loop=args.loop)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Every check ``run`` makes short of opening sockets: the file, the environment's CPU list,
+    the engines (loaded, as ``run`` loads them) and the paths; exits as ``run`` would on each."""
+    from daemon.clock import SystemClock  # noqa: PLC0415
     from daemon.config import config_digest, load_config  # noqa: PLC0415
+    from daemon.preflight import preflight  # noqa: PLC0415
 
     config = load_config(Path(args.config))
+    configure_logging(config.log.level)
+    cpus = os.environ.get("TRADINGD_CPUS", "")
+    if cpus.strip():
+        parse_cpus(cpus)
+    lines = preflight(config, args.config, SystemClock.mono_ns)
+    for line in lines:
+        print(f"  {line}")
     print(f"{args.config}: ok, sha256 {config_digest(config)}")
     return 0
 
@@ -180,6 +234,10 @@ def cmd_broker_sim(args: argparse.Namespace) -> int:
         partial_fills=args.partial_fills,
         reject_rate=args.reject_rate,
         seed=args.seed,
+        duplicate_rate=args.duplicate_rate,
+        reorder_rate=args.reorder_rate,
+        garble_rate=args.garble_rate,
+        rest=args.rest,
     )
 
     _serve(BrokerSimulator(config, Path(args.log) if args.log else None), args.host, args.port)
@@ -309,7 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop (asyncio: a baseline)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("check", help="check a configuration file and exit (78 naming the key if it is bad)")
+    p = sub.add_parser(
+        "check",
+        help="check a configuration, its engines and paths as run would, and exit (78 naming the key if it is bad)",
+    )
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_check)
 
@@ -353,10 +414,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("broker-sim", help="a broker simulator on the native gateway protocol")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True, help="0 picks a free port (printed on stdout)")
-    p.add_argument("--log", help="append every order received as a JSON line")
+    p.add_argument(
+        "--log",
+        help="append every order received and every execution as JSON lines; an existing log is "
+        "remembered (orders, positions, every client order id ever received)",
+    )
     p.add_argument("--latency-us", type=int, default=0)
     p.add_argument("--partial-fills", type=int, default=1)
     p.add_argument("--reject-rate", type=float, default=0.0)
+    p.add_argument("--rest", action="store_true", help="acknowledge orders and fill none (they rest)")
+    p.add_argument("--duplicate-rate", type=float, default=0.0, help="hostile: repeat a report (same ExecID)")
+    p.add_argument("--reorder-rate", type=float, default=0.0, help="hostile: swap two of an order's reports")
+    p.add_argument("--garble-rate", type=float, default=0.0, help="hostile: a contradictory report first")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_broker_sim)
 
@@ -440,6 +509,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EngineError as exc:
         print(f"tradingd: engine error: {exc}", file=sys.stderr)
         return 1
+    except JournalError as exc:
+        print(f"tradingd: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+    except CrashPointError as exc:
+        print(f"tradingd: {exc}", file=sys.stderr)
+        return EX_CONFIG
     except ImportError as exc:
         if exc.name in {"torch", "transformers", "onnx", "onnxscript", "safetensors"}:
             print(

@@ -2,11 +2,16 @@
 
 Unknown keys and bad values are errors that name the file and the key (``ConfigError``); the
 CLI turns them into exit code 78. ``deploy/tradingd.example.toml`` documents every key.
+
+Every number is bounded: no key takes inf or nan, and none takes a value so large that a size,
+a time in nanoseconds or a count built from it stops fitting the int64s, floats and msgpack
+integers it ends up in. A file that is not UTF-8 is a ConfigError like any other.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -17,9 +22,21 @@ import msgspec
 from daemon.errors import ConfigError
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0, le=1_000_000_000)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0, le=1e15)]
 Fraction = Annotated[float, msgspec.Meta(ge=0, le=1)]
+# Quantities in shares and amounts in currency: far inside float and int64 precision, so a
+# quantity times a price (at most feed.max_price) stays an exact, finite number.
+Quantity = Annotated[int, msgspec.Meta(gt=0, le=1_000_000_000_000)]
+Money = Annotated[float, msgspec.Meta(gt=0, le=1e15)]
+# Durations: at most ~31 years in seconds, so a duration in ns fits an int64 with room to spare.
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=1e9)]
+Millis = Annotated[int, msgspec.Meta(gt=0, le=86_400_000)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
+Threads = Annotated[int, msgspec.Meta(gt=0, le=1024)]
+BatchRows = Annotated[int, msgspec.Meta(gt=0, le=65_536)]
+Uid = Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]
 Symbol = Annotated[str, msgspec.Meta(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9._/-]+$")]
 
 
@@ -31,53 +48,60 @@ class FeedConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 7001
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
-    reconnect_initial_ms: PositiveInt = 50
-    reconnect_max_ms: PositiveInt = 5000
+    reconnect_initial_ms: Millis = 50
+    reconnect_max_ms: Millis = 5000
+    # Bounds on every bar (daemon.feed.protocol.FeedBounds); a bar outside them is rejected and
+    # counted by reason. Prices within [1e-12, 1e12] keep every feature and order size finite.
+    min_price: Annotated[float, msgspec.Meta(ge=1e-12, le=1e12)] = 1e-6
+    max_price: Annotated[float, msgspec.Meta(ge=1e-12, le=1e12)] = 1e9
+    max_volume: Annotated[float, msgspec.Meta(gt=0, le=1e18)] = 1e15
+    max_future_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 120.0
+    max_ahead_s: Annotated[float, msgspec.Meta(gt=0, le=1e9)] = 864_000.0
 
 
 class UniverseConfig(_Section, frozen=True):
-    symbols: Annotated[tuple[Symbol, ...], msgspec.Meta(min_length=1)] = ("SPY",)
+    symbols: Annotated[tuple[Symbol, ...], msgspec.Meta(min_length=1, max_length=65_536)] = ("SPY",)
 
 
 class BatchConfig(_Section, frozen=True):
-    max_batch: PositiveInt = 256
-    max_delay_us: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    max_batch: BatchRows = 256
+    max_delay_us: Annotated[int, msgspec.Meta(ge=0, le=60_000_000)] = 1000
 
 
 class InjectConfig(_Section, frozen=True):
     """A fault injected into this engine, for failover drills and tests (never in production)."""
 
     kind: Literal["latency", "exception", "nan"]
-    after_batches: Annotated[int, msgspec.Meta(ge=0)] = 0
-    batches: Annotated[int, msgspec.Meta(ge=0)] = 0
-    latency_ms: PositiveFloat = 10.0
+    after_batches: Count = 0
+    batches: Count = 0
+    latency_ms: Annotated[float, msgspec.Meta(gt=0, le=60_000)] = 10.0
 
 
 class EngineConfig(_Section, frozen=True):
     backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     model: str = "builtin"
     sha256: str | None = None
-    batch_buckets: tuple[PositiveInt, ...] | None = None
-    intra_op_threads: PositiveInt = 1
-    inter_op_threads: PositiveInt = 1
+    batch_buckets: Annotated[tuple[BatchRows, ...], msgspec.Meta(max_length=64)] | None = None
+    intra_op_threads: Threads = 1
+    inter_op_threads: Threads = 1
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     allow_spinning: bool = False
-    device: Annotated[int, msgspec.Meta(ge=0)] = 0
+    device: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     inject: InjectConfig | None = None
 
 
 class FailoverConfig(_Section, frozen=True):
-    budget_us: PositiveInt | None = None  # default: the primary manifest's budget_us (5000)
-    misses: PositiveInt = 3
-    window: PositiveInt = 20
+    budget_us: Annotated[int, msgspec.Meta(gt=0, le=60_000_000)] | None = None  # default: the manifest's (5000)
+    misses: Annotated[int, msgspec.Meta(gt=0, le=10_000)] = 3
+    window: Annotated[int, msgspec.Meta(gt=0, le=10_000)] = 20
 
 
 class GpuConfig(_Section, frozen=True):
     """GPU health through NVML (only where a tensorrt engine is configured)."""
 
-    poll_s: PositiveFloat = 1.0
+    poll_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600)] = 1.0
     require_ecc: bool = False
-    max_temperature_c: PositiveInt = 87
+    max_temperature_c: Annotated[int, msgspec.Meta(gt=0, le=150)] = 87
 
 
 class EnginesConfig(_Section, frozen=True):
@@ -90,42 +114,42 @@ class EnginesConfig(_Section, frozen=True):
 class SignalConfig(_Section, frozen=True):
     confidence_threshold: Fraction = 0.5
     lot_size: PositiveInt = 1
-    notional_per_signal: PositiveFloat = 10_000.0
+    notional_per_signal: Annotated[float, msgspec.Meta(gt=0, le=1e12)] = 10_000.0
     limit_offset_bps: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 0.0
     allow_short: bool = True
-    accuracy_window: PositiveInt = 500
+    accuracy_window: Annotated[int, msgspec.Meta(gt=0, le=1_000_000)] = 500
 
 
 class SymbolRiskConfig(_Section, frozen=True):
     """Per-symbol overrides of the order limits (every key optional)."""
 
-    max_order_qty: PositiveInt | None = None
-    max_order_notional: PositiveFloat | None = None
-    max_position: PositiveInt | None = None
-    collar_pct: PositiveFloat | None = None
+    max_order_qty: Quantity | None = None
+    max_order_notional: Money | None = None
+    max_position: Quantity | None = None
+    collar_pct: Percent | None = None
 
 
 class HaltConfig(_Section, frozen=True):
-    move_pct: PositiveFloat = 5.0
+    move_pct: Percent = 5.0
     benchmark: Symbol | None = None
-    market_share: Annotated[float, msgspec.Meta(gt=0)] = 0.5
-    cooloff_s: PositiveFloat | None = None
+    market_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    cooloff_s: Seconds | None = None
     cancel_open_orders: bool = True
 
 
 class RiskConfig(_Section, frozen=True):
-    max_order_qty: PositiveInt = 100_000
-    max_order_notional: PositiveFloat = 5_000_000.0
-    max_position: PositiveInt = 1_000_000
-    collar_pct: PositiveFloat = 5.0
-    max_gross_exposure: PositiveFloat = 50_000_000.0
-    max_signal_age_s: PositiveFloat = 90.0
-    max_price_age_s: PositiveFloat = 180.0
-    throttle_orders: PositiveInt = 100
-    throttle_window_ms: PositiveInt = 1000
-    duplicate_window_ms: Annotated[int, msgspec.Meta(ge=0)] = 5000
-    review_threshold: PositiveFloat = 1_000_000.0
-    review_ttl_s: PositiveFloat = 300.0
+    max_order_qty: Quantity = 100_000
+    max_order_notional: Money = 5_000_000.0
+    max_position: Quantity = 1_000_000
+    collar_pct: Percent = 5.0
+    max_gross_exposure: Money = 50_000_000.0
+    max_signal_age_s: Seconds = 90.0
+    max_price_age_s: Seconds = 180.0
+    throttle_orders: Annotated[int, msgspec.Meta(gt=0, le=1_000_000)] = 100
+    throttle_window_ms: Millis = 1000
+    duplicate_window_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)] = 5000
+    review_threshold: Money = 1_000_000.0
+    review_ttl_s: Seconds = 300.0
     clock: Literal["wall", "feed"] = "wall"
     halt: HaltConfig = HaltConfig()
     symbols: dict[Symbol, SymbolRiskConfig] = {}
@@ -137,7 +161,7 @@ class FixConfig(_Section, frozen=True):
     heartbeat_s: Annotated[int, msgspec.Meta(ge=1, le=300)] = 30
     time_in_force: Literal["day", "gtc", "ioc", "fok"] = "day"
     store: str | None = None  # sequence numbers; default: beside the journal
-    status_timeout_s: PositiveFloat = 2.0
+    status_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
     reset_on_logon: bool = False
     accept_peer_reset: bool = False
 
@@ -147,8 +171,8 @@ class BrokerConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 7002
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 1 << 20
-    reconnect_initial_ms: PositiveInt = 50
-    reconnect_max_ms: PositiveInt = 5000
+    reconnect_initial_ms: Millis = 50
+    reconnect_max_ms: Millis = 5000
     fix: FixConfig = FixConfig()
 
 
@@ -160,7 +184,7 @@ class MetricsConfig(_Section, frozen=True):
 
 class AdminConfig(_Section, frozen=True):
     socket: str = "/run/tradingd/admin.sock"
-    operators: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = (0,)
+    operators: Annotated[tuple[Uid, ...], msgspec.Meta(max_length=1024)] = (0,)
 
 
 class JournalConfig(_Section, frozen=True):
@@ -173,6 +197,10 @@ class ProcessConfig(_Section, frozen=True):
     # The default 5 ms lets a metrics scrape or a log write on another thread delay a batch by
     # up to that long; 500 us bounds it (bench/RESULTS.md, observability overhead).
     switch_interval_us: Annotated[int, msgspec.Meta(ge=100, le=100_000)] = 500
+    # The minute loop is stalled when the feed stays paused with no batch in flight, or one
+    # batch stays in inference, this long: the daemon then fail-stops (exit 70) instead of
+    # looking healthy while it trades nothing.
+    stall_s: Annotated[float, msgspec.Meta(ge=1.0, le=3600.0)] = 10.0
 
 
 class LogConfig(_Section, frozen=True):
@@ -202,6 +230,23 @@ def _key_path(where: str) -> str:
     return where.removeprefix(".") or "(top level)"
 
 
+_SYMBOL_ENTRY = ".risk.symbols[...]"
+
+
+def _name_symbol(raw: dict[str, Any], where: str) -> str:
+    # msgspec says risk.symbols[...] for any entry of the table; find the entry it means.
+    if not where.startswith(_SYMBOL_ENTRY + "."):
+        return where
+    risk = raw.get("risk")
+    entries = risk.get("symbols") if isinstance(risk, dict) else None
+    for name, entry in entries.items() if isinstance(entries, dict) else ():
+        try:
+            msgspec.convert(entry, SymbolRiskConfig)
+        except msgspec.ValidationError:
+            return f".risk.symbols.{name}" + where.removeprefix(_SYMBOL_ENTRY)
+    return where
+
+
 def parse_config(raw: dict[str, Any], file: str) -> Config:
     """Validate a decoded TOML document; every error names the key."""
     try:
@@ -210,17 +255,43 @@ def parse_config(raw: dict[str, Any], file: str) -> Config:
         message = str(exc)
         match = _AT.match(message)
         problem, where = (match["problem"], match["where"]) if match else (message, "")
+        where = _name_symbol(raw, where)
         unknown = _UNKNOWN.match(problem)
         if unknown:
             key = ".".join(p for p in (_key_path(where) if where else "", unknown["field"]) if p)
             raise ConfigError(file, key, "unknown key") from exc
         raise ConfigError(file, _key_path(where), problem) from exc
+    _check_numbers(config, file)
     _check(config, file)
     return config
 
 
+# No integer key needs more; msgspec accepts any Python int TOML gives it, however large.
+_INT_LIMIT = 1 << 53
+
+
+def _check_numbers(value: object, file: str, key: str = "") -> None:
+    # Every float finite and every int modest, whatever the key: a net under the per-key bounds.
+    if isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _check_numbers(getattr(value, name), file, f"{key}.{name}" if key else name)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_numbers(item, file, f"{key}.{name}")
+    elif isinstance(value, tuple):
+        for item in value:
+            _check_numbers(item, file, key)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(file, key, f"must be a finite number, got {value}")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT_LIMIT:
+        raise ConfigError(file, key, f"out of range: {value}")
+
+
 def _check(config: Config, file: str) -> None:
     symbols = config.universe.symbols
+    feed = config.feed
+    if feed.min_price >= feed.max_price:
+        raise ConfigError(file, "feed.min_price", f"{feed.min_price} is not below feed.max_price {feed.max_price}")
     if len(set(symbols)) != len(symbols):
         dupes = sorted({s for s in symbols if symbols.count(s) > 1})
         raise ConfigError(file, "universe.symbols", f"duplicate symbols {dupes}")
@@ -254,9 +325,13 @@ def config_digest(config: Config) -> str:
 def load_config(path: Path) -> Config:
     """Read, parse and validate one TOML file."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError as exc:
         raise ConfigError(str(path), "(file)", "no such file") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "(file)", f"not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    except OSError as exc:
+        raise ConfigError(str(path), "(file)", f"cannot read: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), "(syntax)", str(exc)) from exc
     return parse_config(raw, str(path))

@@ -13,6 +13,7 @@ Switches from outside the inference thread (an operator, a GPU health fault) go 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +31,16 @@ class FailoverEvent:
     reason: FailoverReason
     detail: str
     rerun: bool = False
+
+
+class RerunFailedError(Exception):
+    """The primary failed over and the standby's re-run of the same batch raised too. The switch
+    happened: ``event`` must still be journaled."""
+
+    def __init__(self, event: FailoverEvent, cause: BaseException) -> None:
+        self.event = event
+        self.cause = cause
+        super().__init__(f"standby {event.to_engine} failed re-running the batch: {type(cause).__name__}: {cause}")
 
 
 @dataclass(slots=True)
@@ -59,7 +70,8 @@ class EngineSet:
         self.primary_error = primary_error
         self._lock = threading.Lock()
         self.active: Engine = primary if primary is not None else standby  # type: ignore[assignment]
-        self.events: list[FailoverEvent] = []
+        self.events: deque[FailoverEvent] = deque(maxlen=100)  # the latest; ``failovers`` counts all
+        self.failovers = 0
 
     @property
     def engines(self) -> tuple[Engine, ...]:
@@ -89,6 +101,7 @@ class EngineSet:
             self.active = target
             self.policy.reset()
         self.events.append(event)
+        self.failovers += 1
         return event
 
     def run(self, engine: Engine, bucket: int, n: int) -> Outcome:
@@ -101,35 +114,52 @@ class EngineSet:
         except Exception as exc:
             if not guarded:
                 raise
-            verdict = self.policy.observe(self.now_ns() - started, raised=f"{type(exc).__name__}: {exc}")
-        else:
-            elapsed = self.now_ns() - started
-            if not guarded:
-                return Outcome(logits, elapsed, engine.name)
-            verdict = self.policy.observe(elapsed, finite=bool(np.isfinite(logits[:n]).all()))
-            if verdict is None:
-                return Outcome(logits, elapsed, engine.name)
-        assert verdict is not None and self.standby is not None
-        event = self._fail_over(verdict)
-        if verdict.reason not in RERUN:
-            return Outcome(logits, elapsed, engine.name, event)  # late, but valid
+            event = self._judge(engine, self.now_ns() - started, raised=f"{type(exc).__name__}: {exc}")
+            return self._rerun(engine, bucket, n, started, event)
+        elapsed = self.now_ns() - started
+        if not guarded:
+            return Outcome(logits, elapsed, engine.name)
+        event = self._judge(engine, elapsed, finite=bool(np.isfinite(logits[:n]).all()))
+        if event is None or not event.rerun:
+            return Outcome(logits, elapsed, engine.name, event)  # a deadline miss: late, but valid
+        return self._rerun(engine, bucket, n, started, event)
+
+    def _rerun(self, engine: Engine, bucket: int, n: int, started: int, event: FailoverEvent | None) -> Outcome:
+        """The same input on the standby, within the call, so the batch's signals are not lost."""
         standby = self.standby
-        sb = standby.bucket_for(n)
-        buf = standby.input_buffer(sb)
-        buf[:n] = engine.input_buffer(bucket)[:n]
-        buf[n:] = 0.0
-        return Outcome(standby.infer(sb), self.now_ns() - started, standby.name, event)
+        assert standby is not None
+        try:
+            sb = standby.bucket_for(n)
+            buf = standby.input_buffer(sb)
+            buf[:n] = engine.input_buffer(bucket)[:n]
+            buf[n:] = 0.0
+            return Outcome(standby.infer(sb), self.now_ns() - started, standby.name, event)
+        except Exception as exc:
+            if event is None:
+                raise
+            raise RerunFailedError(event, exc) from exc
+
+    def _judge(self, engine: Engine, elapsed_ns: int, *, raised: str | None = None, finite: bool = True) -> FailoverEvent | None:
+        """The policy's verdict on one primary batch and, on a fault, the switch: both under the
+        lock the loop's switches take, so an operator's failover and this one cannot interleave."""
+        with self._lock:
+            if self.active is not engine:
+                return None  # switched away meanwhile (an operator, a GPU fault): nothing to judge
+            verdict = self.policy.observe(elapsed_ns, raised=raised, finite=finite)
+            if verdict is None:
+                return None
+            event = self._fail_over(verdict)
+        self.events.append(event)
+        self.failovers += 1
+        return event
 
     def _fail_over(self, verdict: Verdict) -> FailoverEvent:
         assert self.standby is not None and self.primary is not None
-        with self._lock:
-            self.active = self.standby
-            self.policy.reset()
-        event = FailoverEvent(
+        self.active = self.standby
+        self.policy.reset()
+        return FailoverEvent(
             self.primary.name, self.standby.name, verdict.reason, verdict.detail, verdict.reason in RERUN
         )
-        self.events.append(event)
-        return event
 
     def status(self) -> dict[str, object]:
         def one(e: Engine | None, error: str | None = None) -> dict[str, object] | None:
@@ -151,7 +181,7 @@ class EngineSet:
             "active": self.active.name,
             "primary": one(self.primary, self.primary_error),
             "standby": one(self.standby),
-            "failovers": len(self.events),
+            "failovers": self.failovers,
             "last_failover": None
             if last is None
             else {"from": last.from_engine, "to": last.to_engine, "reason": str(last.reason), "detail": last.detail},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 EX_CONFIG = 78  # sysexits.h EX_CONFIG: systemd's RestartPreventExitStatus keeps it down
+EX_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: a fail-stop; systemd restarts it and the journal replay takes over
 EX_UNAVAILABLE = 69  # sysexits.h EX_UNAVAILABLE: a backend this configuration needs cannot run here
 
 

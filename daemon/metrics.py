@@ -31,11 +31,15 @@ STAGES = ("feed_wait", "batch_wait", "infer", "gates", "send")
 
 
 def _histogram(name: str, doc: str, rec: LatencyRecorder, scale: float = 1e-9) -> HistogramMetricFamily:
+    # One copy of the counts (a single C-level copy, atomic under the GIL while the loop records),
+    # and +Inf is their sum: the buckets are monotonic and end at the count by construction, however
+    # a scrape interleaves with ``record``.
+    counts = list(rec.buckets)
     cumulative, buckets = 0, []
-    for bound, n in zip(rec.bounds_ns, rec.buckets, strict=False):
+    for bound, n in zip(rec.bounds_ns, counts, strict=False):
         cumulative += n
         buckets.append((f"{bound * scale:.6g}", cumulative))
-    buckets.append(("+Inf", rec.count))
+    buckets.append(("+Inf", sum(counts)))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=rec.sum_ns * scale)
 
 

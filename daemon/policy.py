@@ -1,4 +1,10 @@
-"""Signal -> order intent: class and confidence become a target position, the difference an order."""
+"""Signal -> order intent: class and confidence become a target position, the difference an order.
+
+Sizing is done in float and capped before anything becomes an integer: a target never exceeds
+``max_position`` and an order never exceeds ``max_order_qty`` (both rounded down to whole lots),
+so no price, however small, can make a quantity the journal, the gates or the wire cannot hold.
+A limit price that would round to zero makes no order.
+"""
 
 from __future__ import annotations
 
@@ -34,29 +40,51 @@ class Intent:
     target: int
 
 
+# The most any quantity may be when no limit is given (the configuration's bound on max_order_qty
+# and max_position): far inside what an int64, a float and msgpack hold exactly.
+MAX_QTY = 10**12
+
+
 class SignalPolicy:
-    def __init__(self, config: SignalConfig) -> None:
+    """``max_order_qty`` and ``max_position`` are the risk limits (``[risk]``) sizing stays within."""
+
+    def __init__(self, config: SignalConfig, *, max_order_qty: int = MAX_QTY, max_position: int = MAX_QTY) -> None:
         self.config = config
+        lot = config.lot_size
+        self._max_target = min(max_position, MAX_QTY) // lot * lot
+        self._max_order = min(max_order_qty, MAX_QTY) // lot * lot
 
     def target_position(self, cls: int, price: float, current: int) -> int:
-        """Buy: long one signal's notional; sell: short it (or flat); hold: keep what is there."""
+        """Buy: long one signal's notional; sell: short it (or flat); hold: keep what is there.
+
+        The size is whole lots, at most ``max_position``; a price that is not positive and finite
+        asks for no position (flat).
+        """
         c = self.config
         if cls == HOLD:
             return current
-        lots = math.floor(c.notional_per_signal / price / c.lot_size)
-        size = lots * c.lot_size
+        shares = c.notional_per_signal / price if 0.0 < price < math.inf else 0.0
+        # Capped while still a float, so an absurd (or infinite) size never reaches int().
+        size = self._max_target if shares >= self._max_target else math.floor(shares / c.lot_size) * c.lot_size
         if cls == BUY:
             return size
         return -size if c.allow_short else 0
 
     def intent(self, cls: int, confidence: float, close: float, exposure: int) -> Intent | None:
-        """The order that moves ``exposure`` (position + working) to the signal's target, if any."""
+        """The order that moves ``exposure`` (position + working) toward the signal's target, if any:
+        at most ``max_order_qty``, at a limit price of at least one cent."""
         if cls == HOLD or confidence < self.config.confidence_threshold:
             return None
+        if not 0.0 < close < math.inf:
+            return None
         delta = self.target_position(cls, close, exposure) - exposure
+        delta = max(-self._max_order, min(self._max_order, delta))
         if delta == 0:
             return None
         side = Side.BUY if delta > 0 else Side.SELL
         offset = self.config.limit_offset_bps / 10_000.0
         raw = close * (1.0 + offset) if side is Side.BUY else close * (1.0 - offset)
-        return Intent(side=side, qty=abs(delta), price=round(raw, 2), target=exposure + delta)
+        price = round(raw, 2)
+        if price <= 0.0:
+            return None
+        return Intent(side=side, qty=abs(delta), price=price, target=exposure + delta)

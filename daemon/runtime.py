@@ -27,15 +27,31 @@ from daemon.batcher import Batch, Batcher
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.desk import OrderDesk
-from daemon.engineset import EngineSet, Outcome
+from daemon.engineset import EngineSet, Outcome, RerunFailedError
 from daemon.feed.ingest import FeedProtocol
-from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, Rejected, RejectReason, UnknownType
+from daemon.feed.protocol import (
+    NS_PER_S,
+    Bar,
+    FeedBounds,
+    Heartbeat,
+    MinuteEnd,
+    Rejected,
+    RejectReason,
+    UnknownType,
+    check_bar,
+)
 from daemon.policy import CLASS_NAMES, HOLD, classify
 from daemon.stats import Stats
-from daemon.windows import FeatureWindows
+from daemon.windows import FeatureWindows, Push
 from engines.base import Engine
 
 log = structlog.get_logger("tradingd.runtime")
+
+# Unknown message types are counted by name for the first this-many names (each cut to a
+# readable length), then together as "(other)": a feed cannot grow the table without bound.
+UNKNOWN_TYPES_KEPT = 32
+UNKNOWN_TYPE_CHARS = 64
+OTHER_TYPES = "(other)"
 
 
 def _worth_logging(n: int) -> bool:
@@ -48,6 +64,7 @@ class _InFlight:
     batch: Batch
     engine: Engine
     bucket: int
+    started_ns: int
 
 
 class Runtime:
@@ -75,7 +92,13 @@ class Runtime:
         self._timer: asyncio.TimerHandle | None = None
         self._feed: FeedProtocol | None = None
         self._feed_paused = False
+        self._paused_since = 0
         self._last_seq: int | None = None
+        f = config.feed
+        self._bounds = FeedBounds(
+            f.min_price, f.max_price, f.max_volume, round(f.max_future_s * NS_PER_S), round(f.max_ahead_s * NS_PER_S)
+        )
+        self._feed_ts: int | None = None  # the feed's current minute: the latest bar close accepted
         self.idle_event = asyncio.Event()
         self.idle_event.set()
         self.feed_connected_event = asyncio.Event()  # set on the first feed connection
@@ -98,21 +121,40 @@ class Runtime:
         if _worth_logging(n):
             log.warning("bar_rejected", reason=str(reason), detail=detail, seq=seq, symbol=symbol, count=n)
 
-    def on_bar(self, bar: Bar, ts_recv: int) -> None:
-        s = self.stats
-        s.bars_received += 1
+    def _admit(self, bar: Bar) -> int | None:
+        """The bar's symbol index once it is in its window, or None after counting why not."""
         self._seq(bar.seq)
+        rejected = check_bar(bar, self._bounds, self.clock.wall_ns(), self._feed_ts)
+        if rejected is not None:
+            self._reject(rejected.reason, rejected.detail, bar.seq, bar.symbol)
+            return None
         i = self.windows.index.get(bar.symbol)
         if i is None:
             self._reject(RejectReason.UNKNOWN_SYMBOL, bar.symbol, bar.seq, bar.symbol)
-            return
-        if not self.windows.push(i, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.prev_close):
-            self._reject(
-                RejectReason.OUT_OF_ORDER,
-                f"ts {bar.ts} <= last {self.windows.last_ts[i]}",
-                bar.seq,
-                bar.symbol,
-            )
+            return None
+        pushed = self.windows.push(i, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.prev_close)
+        if pushed is Push.NOT_AFTER_LAST:
+            detail = f"ts {bar.ts} <= last {self.windows.last_ts[i]}"
+            self._reject(RejectReason.OUT_OF_ORDER, detail, bar.seq, bar.symbol)
+            return None
+        if pushed is Push.NON_FINITE:
+            detail = f"open={bar.open} high={bar.high} low={bar.low} close={bar.close} volume={bar.volume}"
+            self._reject(RejectReason.NON_FINITE_FEATURE, detail, bar.seq, bar.symbol)
+            return None
+        if self._feed_ts is None or bar.ts > self._feed_ts:
+            self._feed_ts = bar.ts
+        return i
+
+    def on_bar(self, bar: Bar, ts_recv: int) -> None:
+        s = self.stats
+        s.bars_received += 1
+        try:
+            i = self._admit(bar)
+        except Exception:
+            # Counted before it goes on to fail-stop, so received = accepted + rejected even then.
+            self._reject(RejectReason.INTERNAL_ERROR, "the daemon failed on this bar", bar.seq, bar.symbol)
+            raise
+        if i is None:
             return
         s.bars_accepted += 1
         s.accuracy.next_close(i, bar.close)
@@ -144,9 +186,22 @@ class Runtime:
         self.stats.heartbeats += 1
 
     def on_unknown_type(self, message: UnknownType) -> None:
-        self.stats.unknown_types[message.type] += 1
-        if _worth_logging(self.stats.unknown_types[message.type]):
-            log.info("feed_unknown_type", type=message.type, count=self.stats.unknown_types[message.type])
+        counts = self.stats.unknown_types
+        name = message.type[:UNKNOWN_TYPE_CHARS]
+        if name not in counts and len(counts) >= UNKNOWN_TYPES_KEPT:
+            name = OTHER_TYPES
+        counts[name] += 1
+        if _worth_logging(counts[name]):
+            log.info("feed_unknown_type", type=name, count=counts[name])
+
+    def on_internal_error(self, exc: BaseException, where: str) -> None:
+        """A feed callback raised (a bug, not bad data): count it and hand it to the event loop's
+        exception handler, the daemon's fail-stop path."""
+        self.stats.feed_internal_errors += 1
+        log.error("feed_internal_error", where=where, error=f"{type(exc).__name__}: {exc}")
+        asyncio.get_running_loop().call_exception_handler(
+            {"message": f"feed {where} callback raised", "exception": exc, "where": where}
+        )
 
     def on_feed_connected(self, feed: FeedProtocol) -> None:
         self._feed = feed
@@ -210,7 +265,7 @@ class Runtime:
         ts_start = self.clock.mono_ns()
         for ts in batch.ts_recv:
             self.stats.batch_wait.record(ts_start - ts)
-        self._inflight = _InFlight(batch, engine, bucket)
+        self._inflight = _InFlight(batch, engine, bucket, ts_start)
         future = asyncio.get_running_loop().run_in_executor(self._executor, self.engines.run, engine, bucket, n)
         future.add_done_callback(self._on_inferred)
 
@@ -224,6 +279,10 @@ class Runtime:
         s.batch_rows += n
         s.batch_size.record(n)
         exc = future.exception()
+        if isinstance(exc, RerunFailedError):
+            # The switch happened even though the standby failed too: journal it, or a restart
+            # would go back to the failed primary.
+            self.desk.record_failover(exc.event, rows=n)
         if exc is not None:
             s.infer_failures += 1
             log.error("inference_failed", engine=inflight.engine.name, rows=n, error=str(exc))
@@ -247,11 +306,24 @@ class Runtime:
         if feed is None or pause == self._feed_paused:
             return
         self._feed_paused = pause
+        self._paused_since = self.clock.mono_ns() if pause else 0
         if pause:
             feed.pause()
         else:
             # Not inline: resuming delivers held-back messages, which must not re-enter here.
             asyncio.get_running_loop().call_soon(feed.resume)
+
+    def stalled(self, bound_ns: int) -> str | None:
+        """Why the minute loop is making no progress, or None: a batch in inference past the
+        bound, or the feed paused past the bound with nothing in flight to resume it. A daemon
+        in either state looks alive and trades nothing; the supervisor stops it instead."""
+        now = self.clock.mono_ns()
+        inflight = self._inflight
+        if inflight is not None and now - inflight.started_ns > bound_ns:
+            return f"batch of {len(inflight.batch)} rows in inference for {(now - inflight.started_ns) / 1e9:.1f} s"
+        if self._feed_paused and inflight is None and now - self._paused_since > bound_ns:
+            return f"feed paused for {(now - self._paused_since) / 1e9:.1f} s with no batch in flight"
+        return None
 
     def drain_now(self) -> None:
         """Send everything waiting to inference now (shutdown, end of a replay)."""
@@ -288,7 +360,7 @@ class Runtime:
         if len(rows):
             self.desk.on_signals(batch, rows.tolist(), cls.tolist(), conf.tolist())
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)

@@ -114,7 +114,9 @@ class Stats:
     bars_accepted: int = 0
     bars_rejected: Counter[str] = field(default_factory=Counter)
     bars_warmup: int = 0  # accepted while the symbol's window was still filling
+    # By name for the first runtime.UNKNOWN_TYPES_KEPT names, the rest under "(other)".
     unknown_types: Counter[str] = field(default_factory=Counter)
+    feed_internal_errors: int = 0  # feed callbacks that raised (bugs, sent to fail-stop)
     seq_gaps: int = 0
     minute_ends: int = 0
     heartbeats: int = 0
@@ -134,7 +136,10 @@ class Stats:
     orders_rejected: int = 0
     orders_canceled: int = 0
     fills: int = 0
-    reports_ignored: Counter[str] = field(default_factory=Counter)
+    reports_ignored: Counter[str] = field(default_factory=Counter)  # repeats, late words, unknown orders
+    reports_inconsistent: Counter[str] = field(default_factory=Counter)  # contradictions: symbol -> REDUCING
+    fail_stops: int = 0
+    sends_failed: int = 0  # orders the gateway could not write (closed as never sent)
     broker_connects: int = 0
     reconcile_differences: int = 0
     halts: int = 0

@@ -3,9 +3,15 @@
 Each symbol's rows form a ring; ``gather`` writes the chronological windows of a batch straight
 into the engine's input buffer with one ``np.take`` and normalises them there in place (the
 manifest's z-score and clip), so a batch costs one copy however many symbols it holds.
+
+A bar whose features are not all finite is refused, never written: one inf or nan in a window
+would poison every batch that symbol joins for the next W minutes.
 """
 
 from __future__ import annotations
+
+import math
+from enum import Enum
 
 import numpy as np
 import numpy.typing as npt
@@ -14,6 +20,17 @@ from engines.features import feature_row_fn
 from engines.manifest import Feature
 
 IntArray = npt.NDArray[np.int64]
+
+
+class Push(Enum):
+    """What ``push`` did with a bar; true only when it was added."""
+
+    ADDED = "added"
+    NOT_AFTER_LAST = "not_after_last"  # ts is not after the symbol's last bar
+    NON_FINITE = "non_finite"  # a feature of the bar is inf or nan
+
+    def __bool__(self) -> bool:
+        return self is Push.ADDED
 
 
 class FeatureWindows:
@@ -44,18 +61,24 @@ class FeatureWindows:
         c: float,
         v: float,
         prev_close: float | None,
-    ) -> bool:
-        """Add a bar to symbol ``i``; False (nothing changed) when ``ts`` is not after its last bar."""
+    ) -> Push:
+        """Add a bar to symbol ``i``. Nothing changes when ``ts`` is not after its last bar or a
+        feature would not be finite (the result says which, and is false)."""
         if ts <= self.last_ts[i]:
-            return False
+            return Push.NOT_AFTER_LAST
         pc = self.last_close[i] if self.count[i] else (prev_close or 0.0)
+        row = self._row(o, h, lo, c, v, pc)
+        # One inf or nan makes the sum non-finite (and finite features are logs, far below the
+        # float32 range), so one test covers the row.
+        if not math.isfinite(sum(row)):
+            return Push.NON_FINITE
         head = int(self._head[i])
-        self.buf[i, head] = self._row(o, h, lo, c, v, pc)
+        self.buf[i, head] = row
         self._head[i] = (head + 1) % self.window
         self.count[i] += 1
         self.last_ts[i] = ts
         self.last_close[i] = c
-        return True
+        return Push.ADDED
 
     def full(self, i: int) -> bool:
         return self.count[i] >= self.window

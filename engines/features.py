@@ -3,6 +3,10 @@
 One definition serves both the daemon (one bar at a time, on the hot path) and training (whole
 arrays at once), so the two can never drift apart. Raw features go into the windows; the
 manifest's z-score normalisation is applied to the whole batch at gather time.
+
+Neither form raises on any float input: where a log is undefined both give what numpy gives
+(inf, -inf or nan), and the caller decides what a non-finite feature means (the feature
+windows refuse the bar). The feed's price bounds keep every ratio of an accepted bar finite.
 """
 
 from __future__ import annotations
@@ -19,28 +23,45 @@ FloatArray = npt.NDArray[np.float32]
 _ScalarFn = Callable[[float, float, float, float, float, float], float]
 
 
+def _log(x: float) -> float:
+    # numpy's log without its exceptions: -inf at 0, nan below 0 and for nan, inf at inf.
+    if x > 0.0:
+        return math.log(x)
+    return -math.inf if x == 0.0 else math.nan
+
+
+def _log_ratio(a: float, b: float) -> float:
+    # log(a / b) as numpy computes it in float64: never raises, may return inf or nan.
+    if b > 0.0 and math.isfinite(b):
+        return _log(a / b)
+    with np.errstate(all="ignore"):
+        return float(np.log(np.float64(a) / np.float64(b)))
+
+
 def _log_return(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return math.log(c / pc) if pc > 0.0 else 0.0
+    return _log_ratio(c, pc) if pc > 0.0 else 0.0
 
 
 def _log_range(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return math.log(h / lo)
+    return _log_ratio(h, lo)
 
 
 def _log_body(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return math.log(c / o)
+    return _log_ratio(c, o)
 
 
 def _upper_wick(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return math.log(h / max(o, c))
+    return _log_ratio(h, max(o, c))
 
 
 def _lower_wick(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return math.log(min(o, c) / lo)
+    return _log_ratio(min(o, c), lo)
 
 
 def _log_volume(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return math.log1p(v)
+    if v > -1.0:
+        return math.log1p(v)
+    return -math.inf if v == -1.0 else math.nan
 
 
 SCALAR_FEATURES: dict[str, _ScalarFn] = {

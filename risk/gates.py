@@ -85,6 +85,7 @@ class RiskView:
     ref_price_ts: int | None = None
     position: int = 0  # signed: filled plus working at the broker
     gross_exposure: float = 0.0  # sum over symbols of |position| x reference price
+    unpriced: str | None = None  # a held symbol with no price at all: gross exposure is unknown
     recent_order_ts: tuple[int, ...] = ()  # send times of orders still inside the throttle window
     last_same_order_ts: int | None = None  # last send of an identical order (symbol, side, qty, price)
 
@@ -157,6 +158,9 @@ def size_limits(order: OrderCheck, limits: Limits, view: RiskView) -> Denial | N
     after = view.position + order.side * order.qty
     if abs(after) > lim.max_position and abs(after) > abs(view.position):
         return Denial(DenyReason.MAX_POSITION, f"{order.symbol}: position would be {after}, limit {lim.max_position}")
+    if view.unpriced is not None and abs(after) > abs(view.position):
+        # Fail closed: exposure that cannot be valued is not known to be under the limit.
+        return Denial(DenyReason.MAX_GROSS_EXPOSURE, f"gross exposure unknown: no price for {view.unpriced} yet")
     gross_after = view.gross_exposure + (abs(after) - abs(view.position)) * ref
     if gross_after > limits.max_gross_exposure and abs(after) > abs(view.position):
         return Denial(

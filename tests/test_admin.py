@@ -32,8 +32,24 @@ async def _parked_rig_minutes(rig: Rig) -> None:
     await wait_for(lambda: rig.daemon.stats.minute_ends == WINDOW + 3 and rig.daemon.runtime.idle_event.is_set())
 
 
+async def test_approve_when_the_parked_signal_is_older_than_max_age_is_denied_stale_despite_fresh_bars(
+    tmp_path: Path,
+) -> None:
+    """Staleness is the signal's own age: later bars of the symbol do not make an old signal new."""
+    risk = RiskConfig(clock="feed", review_threshold=1.0, max_signal_age_s=90.0)
+    async with running_rig(tmp_path, SYMBOLS, signal=SignalConfig(confidence_threshold=0.0), risk=risk) as rig:
+        await _parked_rig_minutes(rig)  # parked at the first full window, then three more minutes
+        oldest = (await _ask(rig, cmd="review_list"))["result"][0]
+        assert oldest["age_s"] >= 0
+        approved = await _ask(rig, cmd="review_approve", id=oldest["id"])
+        assert approved == {"ok": True, "result": {"id": oldest["id"], "state": "denied"}}
+        assert not rig.broker.received
+    denials = [r for r in read_journal(tmp_path / "journal.msgpack") if r["kind"] == "denied"]
+    assert any(r["id"] == oldest["id"] and r["reason"] == "stale_signal" for r in denials)
+
+
 async def test_review_list_approve_and_reject_over_the_socket(tmp_path: Path) -> None:
-    risk = RiskConfig(clock="feed", review_threshold=1.0)
+    risk = RiskConfig(clock="feed", review_threshold=1.0, max_signal_age_s=600.0)
     async with running_rig(tmp_path, SYMBOLS, signal=SignalConfig(confidence_threshold=0.0), risk=risk) as rig:
         assert stat.S_IMODE(os.stat(rig.daemon.config.admin.socket).st_mode) == 0o660
         await _parked_rig_minutes(rig)

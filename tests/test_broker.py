@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from broker import protocol as wire
+from broker import records as rec
 from broker.client import GatewayClient
-from broker.errors import IllegalTransitionError
-from broker.orders import Order, OrderBook, OrderState
+from broker.errors import IllegalTransitionError, JournalError
+from broker.orders import Order, OrderBook, OrderState, Refusal
 from broker.reconnect import Backoff
-from broker.sim import BrokerSimulator, SimConfig
+from broker.sim import BrokerSimulator, SimConfig, read_orders
 from tests.helpers import wait_for
 
 
@@ -21,10 +22,12 @@ def _order(cl_ord_id: str = "O1", side: wire.Side = wire.Side.BUY, qty: int = 10
     return Order(cl_ord_id, "AAA", side, qty, 50.0, ts_event=1, ts_recv=2)
 
 
-def _report(order: Order, status: wire.ExecStatus, last_qty: int = 0, cum: int = 0) -> wire.ExecReport:
+def _report(
+    order: Order, status: wire.ExecStatus, last_qty: int = 0, cum: int = 0, exec_id: str | None = None
+) -> wire.ExecReport:
     return wire.ExecReport(
         order.cl_ord_id,
-        "E",
+        exec_id or f"E-{status}-{cum}",
         status,
         order.symbol,
         order.side,
@@ -58,16 +61,72 @@ def test_book_applies_ack_partial_and_full_fills_to_position_and_open_qty() -> N
     assert (book.positions["AAA"], book.open_qty["AAA"], order.state) == (10, 0, OrderState.FILLED)
 
 
+def _code(refusal: Refusal | None) -> str | None:
+    return None if refusal is None else refusal.code
+
+
 def test_book_refuses_reports_that_make_no_sense_and_changes_nothing() -> None:
     book, order = OrderBook(), _order(side=wire.Side.SELL, qty=5)
     book.add(order)
-    assert book.apply(_report(_order("nope"), wire.ExecStatus.NEW)) == "unknown_order"
-    assert book.apply(_report(order, wire.ExecStatus.FILLED, 5, 5)) == "intent->filled"
+    assert _code(book.apply(_report(_order("nope"), wire.ExecStatus.NEW))) == "unknown_order"
+    assert _code(book.apply(_report(order, wire.ExecStatus.FILLED, 5, 5))) == "not_sent"
     book.mark_sent(order, 1)
-    assert book.apply(_report(order, wire.ExecStatus.PARTIALLY_FILLED, 6, 6)) == "overfill"
+    assert _code(book.apply(_report(order, wire.ExecStatus.PARTIALLY_FILLED, 6, 6))) == "overfill"
     assert book.apply(_report(order, wire.ExecStatus.FILLED, 5, 5)) is None
-    assert book.apply(_report(order, wire.ExecStatus.CANCELED)) == "filled->canceled"
+    assert _code(book.apply(_report(order, wire.ExecStatus.CANCELED, 0, 5))) == "stale"
     assert book.positions["AAA"] == -5
+
+
+def test_apply_when_a_report_repeats_its_exec_id_moves_the_position_once() -> None:
+    book, order = OrderBook(), _order(qty=10)
+    book.add(order)
+    book.mark_sent(order, 1)
+    partial = _report(order, wire.ExecStatus.PARTIALLY_FILLED, 4, 4, exec_id="X1")
+    assert book.apply(partial) is None
+    refusal = book.apply(partial)
+    assert refusal is not None and refusal.code == "duplicate_exec_id" and not refusal.inconsistent
+    assert book.apply(_report(order, wire.ExecStatus.FILLED, 6, 10, exec_id="X2")) is None
+    assert (book.positions["AAA"], order.state, order.filled_qty) == (10, OrderState.FILLED, 10)
+    assert not book.working
+
+
+def test_apply_when_the_same_fill_comes_under_a_new_exec_id_takes_cum_qty_not_last_qty() -> None:
+    book, order = OrderBook(), _order(qty=10)
+    book.add(order)
+    book.mark_sent(order, 1)
+    assert book.apply(_report(order, wire.ExecStatus.PARTIALLY_FILLED, 4, 4, exec_id="A")) is None
+    again = book.apply(_report(order, wire.ExecStatus.PARTIALLY_FILLED, 4, 4, exec_id="B"))
+    assert again is not None and again.inconsistent and book.positions["AAA"] == 4
+
+
+def test_apply_when_a_report_was_missed_takes_the_fill_from_cum_qty() -> None:
+    book, order = OrderBook(), _order(qty=10)
+    book.add(order)
+    book.mark_sent(order, 1)
+    assert book.apply(_report(order, wire.ExecStatus.FILLED, 6, 10)) is None  # the 4-lot report was lost
+    assert (book.positions["AAA"], order.state) == (10, OrderState.FILLED)
+
+
+@pytest.mark.parametrize(
+    ("status", "last", "cum", "code"),
+    [
+        (wire.ExecStatus.PARTIALLY_FILLED, 2, 2, "cum_qty_backwards"),
+        (wire.ExecStatus.PARTIALLY_FILLED, -1, 5, "negative_qty"),
+        (wire.ExecStatus.FILLED, 6, 11, "overfill"),
+        (wire.ExecStatus.FILLED, 1, 6, "filled_short"),
+        (wire.ExecStatus.NEW, 1, 5, "fill_without_fill_status"),
+    ],
+)
+def test_apply_when_a_report_contradicts_the_book_is_inconsistent_and_changes_nothing(
+    status: wire.ExecStatus, last: int, cum: int, code: str
+) -> None:
+    book, order = OrderBook(), _order(qty=10)
+    book.add(order)
+    book.mark_sent(order, 1)
+    assert book.apply(_report(order, wire.ExecStatus.PARTIALLY_FILLED, 4, 4)) is None
+    refusal = book.apply(_report(order, status, last, cum, exec_id="bad"))
+    assert refusal is not None and (refusal.code, refusal.inconsistent) == (code, True)
+    assert (book.positions["AAA"], order.filled_qty, order.state) == (4, 4, OrderState.PARTIALLY_FILLED)
 
 
 def test_decode_when_gateway_message_is_malformed_says_what() -> None:
@@ -112,7 +171,7 @@ async def test_simulator_acks_then_fills_in_parts_at_the_limit_and_logs_each_ord
     assert [r.status for r in reports] == ["new", "partially_filled", "partially_filled", "filled"]
     assert [r.last_qty for r in reports] == [0, 4, 3, 3] and reports[-1].cum_qty == 10
     assert {r.last_px for r in reports[1:]} == {12.5}
-    logged = [json.loads(line) for line in (tmp_path / "orders.jsonl").read_text().splitlines()]
+    logged = read_orders(tmp_path / "orders.jsonl")
     assert [(x["cl_ord_id"], x["qty"], x["price"]) for x in logged] == [("A1", 10, 12.5)]
     client.stop()
     await task
@@ -153,17 +212,33 @@ def test_recover_journal_cuts_a_torn_last_record_so_appends_stay_readable(tmp_pa
 
     path = tmp_path / "j.msgpack"
     journal = Journal(path, fsync="always")
-    journal.append("intent", 1, id="A")
-    journal.append("send", 2, id="A")
+    journal.append(rec.Denied(ts=1, id="A", reason="x"))
+    journal.append(rec.Send(ts=2, id="A"))
     journal.close()
     whole = path.read_bytes()
     path.write_bytes(whole[:-3])  # the process died mid-write
     records, cut = recover_journal(path)
-    assert [r["kind"] for r in records] == ["intent"] and cut > 0
+    assert [type(r) for r in records] == [rec.Header, rec.Denied] and cut > 0
     journal = Journal(path, fsync="none")
-    journal.append("send", 3, id="A")
+    journal.append(rec.Send(ts=3, id="A"))
     journal.close()
-    assert [(r["kind"], r["ts"]) for r in read_journal(path)] == [("intent", 1), ("send", 3)]
+    assert [(r["kind"], r["ts"]) for r in read_journal(path)][1:] == [("denied", 1), ("send", 3)]
+
+
+def test_recover_journal_when_the_format_is_unknown_refuses_it(tmp_path: Path) -> None:
+    from broker.journal import recover_journal  # noqa: PLC0415
+
+    path = tmp_path / "j.msgpack"
+    path.write_bytes(msgpack.packb({"kind": "header", "ts": 0, "format": 99}))
+    with pytest.raises(JournalError, match="format 99"):
+        recover_journal(path)
+
+
+def test_journal_when_a_write_fails_raises_a_journal_error_naming_the_file() -> None:
+    from broker.journal import Journal  # noqa: PLC0415
+
+    with pytest.raises(JournalError, match="/dev/full"):
+        Journal(Path("/dev/full"), fsync="batch")
 
 
 def test_book_keeps_only_the_most_recent_final_orders() -> None:
@@ -176,4 +251,4 @@ def test_book_keeps_only_the_most_recent_final_orders() -> None:
         assert book.apply(_report(order, wire.ExecStatus.FILLED, 1, 1)) is None
     assert list(book.orders) == ["O2", "O3", "O4", "O5"]  # three final, one working
     assert book.positions["AAA"] == 5
-    assert book.apply(_report(orders[0], wire.ExecStatus.FILLED, 1, 1)) == "unknown_order"
+    assert _code(book.apply(_report(orders[0], wire.ExecStatus.FILLED, 1, 1))) == "unknown_order"

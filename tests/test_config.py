@@ -120,3 +120,104 @@ def test_run_when_model_hash_is_pinned_wrong_exits_78_naming_sha256(tmp_path: Pa
     )
     assert result.returncode == EX_CONFIG
     assert "sha256" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[signal]\nnotional_per_signal = inf\n", "signal.notional_per_signal"),
+        ("[signal]\nnotional_per_signal = nan\n", "signal.notional_per_signal"),
+        ("[risk]\ncollar_pct = inf\n", "risk.collar_pct"),
+        ("[signal]\nlot_size = 99999999999999999999\n", "signal.lot_size"),
+        ("[risk]\nmax_order_qty = 99999999999999999999\n", "risk.max_order_qty"),
+        ("[risk]\nmax_gross_exposure = 1e300\n", "risk.max_gross_exposure"),
+        ("[risk]\nmax_signal_age_s = inf\n", "risk.max_signal_age_s"),
+        ("[risk.halt]\nmarket_share = 1e300\n", "risk.halt.market_share"),
+        ("[risk.symbols.SPY]\ncollar_pct = inf\n", "risk.symbols.SPY.collar_pct"),
+        ("[engine.gpu]\npoll_s = 1e-300\n", "engine.gpu.poll_s"),
+        ("[batch]\nmax_delay_us = 99999999999999999999\n", "batch.max_delay_us"),
+        ("[feed]\nmax_price = inf\n", "feed.max_price"),
+        ("[feed]\nmin_price = 0.0\n", "feed.min_price"),
+        ("[feed]\nmin_price = 10.0\nmax_price = 5.0\n", "feed.min_price"),
+        ("[admin]\noperators = [4294967296]\n", "admin.operators[0]"),
+    ],
+)
+def test_load_config_when_number_is_infinite_or_absurd_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text))
+    assert err.value.key == key
+
+
+def test_load_config_when_file_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("# caf\u00e9\n[feed]\nport = 7001\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == "(file)" and "UTF-8" in err.value.problem
+    assert str(path) in str(err.value)
+
+
+def _tradingd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[signal]\nnotional_per_signal = inf\n", "signal.notional_per_signal"),
+        ("[risk]\ncollar_pct = inf\n", "risk.collar_pct"),
+        ("[signal]\nlot_size = 99999999999999999999\n", "signal.lot_size"),
+    ],
+)
+def test_check_and_run_when_value_would_break_the_daemon_exit_78_naming_the_key(
+    tmp_path: Path, command: str, text: str, key: str
+) -> None:
+    path = _write(tmp_path, text + f"[journal]\npath = '{tmp_path / 'journal'}'\n")
+    result = _tradingd(command, "--config", str(path))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert key in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_check_and_run_when_file_is_not_utf8_exit_78_naming_the_file(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b"# \xff\xfe\n[feed]\nport = 7001\n")
+    result = _tradingd(command, "--config", str(path))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert str(path) in result.stderr and "UTF-8" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_check_when_max_batch_exceeds_the_largest_bucket_exits_78_naming_the_key(tmp_path: Path) -> None:
+    result = _tradingd("check", "--config", str(_write(tmp_path, "[batch]\nmax_batch = 512\n")))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "batch.max_batch" in result.stderr and "256" in result.stderr
+
+
+def test_check_when_model_file_is_missing_exits_78_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "models" / "absent.onnx"
+    result = _tradingd("check", "--config", str(_write(tmp_path, f"[engine.primary]\nmodel = '{missing}'\n")))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert str(missing) in result.stderr
+
+
+def test_check_when_model_hash_is_pinned_wrong_exits_78_naming_sha256(tmp_path: Path) -> None:
+    result = _tradingd("check", "--config", str(_write(tmp_path, f"[engine.primary]\nsha256 = '{'0' * 64}'\n")))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "sha256" in result.stderr
+
+
+def test_check_when_admin_socket_path_is_too_long_exits_78_naming_the_key(tmp_path: Path) -> None:
+    result = _tradingd("check", "--config", str(_write(tmp_path, f"[admin]\nsocket = '/run/{'s' * 120}.sock'\n")))
+    assert result.returncode == EX_CONFIG, result.stderr
+    assert "admin.socket" in result.stderr
+
+
+def test_check_when_primary_cannot_run_here_reports_the_standby_serving_as_run_would(tmp_path: Path) -> None:
+    """A tensorrt primary on a machine without TensorRT or a GPU leaves the standby serving."""
+    text = "[engine.primary]\nbackend = 'tensorrt'\nmodel = 'builtin:absent'\n[engine.standby]\nbackend = 'onnxruntime'\n"
+    result = _tradingd("check", "--config", str(_write(tmp_path, text)))
+    assert result.returncode == 0, result.stderr
+    assert "engine standby (active)" in result.stdout and "the standby would serve" in result.stdout

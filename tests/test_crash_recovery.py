@@ -26,6 +26,7 @@ import pytest
 
 from bench.harness import admin_status, spawn_server
 from broker.journal import read_journal
+from broker.sim import read_orders
 from daemon.admin import request
 
 pytestmark = pytest.mark.slow
@@ -160,7 +161,7 @@ level = "warning"
 
     assert final is not None
     records = list(read_journal(journal))
-    received = [json.loads(line) for line in broker_log.read_text().splitlines()]
+    received = read_orders(broker_log)
 
     # The broker never saw a client order id twice.
     ids = Counter(o["cl_ord_id"] for o in received)

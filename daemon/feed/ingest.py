@@ -3,6 +3,11 @@
 It only frames, decodes and dispatches; all state lives in the runtime. A frame error (bytes
 that are not msgpack, a frame over the limit) drops the connection, since a byte stream cannot
 resync, and ``FeedConnector`` reconnects with backoff.
+
+Bad data never raises: it is a ``Rejected`` message the sink counts. An exception out of a sink
+callback is a bug; it must neither drop the connection unseen (as it would if it escaped
+``data_received``) nor stop the messages behind it, so it goes to ``on_internal_error``, which
+escalates it to the daemon's fail-stop path, and delivery goes on with the next message.
 """
 
 from __future__ import annotations
@@ -15,7 +20,15 @@ from typing import Protocol, cast
 from broker.errors import FrameError
 from broker.framing import FrameReader
 from broker.reconnect import Backoff, ClosingProtocol, keep_connected
-from daemon.feed.protocol import Bar, Heartbeat, MinuteEnd, Rejected, UnknownType, decode
+from daemon.feed.protocol import Bar, Heartbeat, Message, MinuteEnd, Rejected, UnknownType, decode
+
+_KINDS: dict[type, str] = {
+    Bar: "bar",
+    MinuteEnd: "minute_end",
+    Heartbeat: "heartbeat",
+    Rejected: "rejected",
+    UnknownType: "unknown_type",
+}
 
 
 class FeedSink(Protocol):
@@ -36,6 +49,10 @@ class FeedSink(Protocol):
     def on_feed_lost(self) -> None: ...
 
     def on_frame_error(self, error: FrameError) -> None: ...
+
+    def on_internal_error(self, exc: BaseException, where: str) -> None:
+        """A callback raised while handling one message (``where``: its kind)."""
+        ...
 
 
 class FeedProtocol(ClosingProtocol):
@@ -88,21 +105,26 @@ class FeedProtocol(ClosingProtocol):
                 self._pending = self._reader.feed(self._backlog.popleft())
             try:
                 for obj in self._pending:
-                    message = decode(obj)
-                    match message:
-                        case Bar():
-                            sink.on_bar(message, ts_recv)
-                        case MinuteEnd():
-                            sink.on_minute_end(message, ts_recv)
-                            # One read can hold several minutes (a replay at full speed); the
-                            # next minute's bars are received once this one has been handed on.
-                            ts_recv = self._now_ns()
-                        case Heartbeat():
-                            sink.on_heartbeat(message, ts_recv)
-                        case Rejected():
-                            sink.on_rejected(message, ts_recv)
-                        case UnknownType():
-                            sink.on_unknown_type(message)
+                    message: Message | None = None
+                    try:
+                        message = decode(obj)
+                        match message:
+                            case Bar():
+                                sink.on_bar(message, ts_recv)
+                            case MinuteEnd():
+                                sink.on_minute_end(message, ts_recv)
+                            case Heartbeat():
+                                sink.on_heartbeat(message, ts_recv)
+                            case Rejected():
+                                sink.on_rejected(message, ts_recv)
+                            case UnknownType():
+                                sink.on_unknown_type(message)
+                    except Exception as exc:  # a bug in the sink: the sink escalates it
+                        sink.on_internal_error(exc, _KINDS.get(type(message), "decode"))
+                    if type(message) is MinuteEnd:
+                        # One read can hold several minutes (a replay at full speed); the next
+                        # minute's bars are received once this one has been handed on.
+                        ts_recv = self._now_ns()
                     if self._paused:
                         return  # the rest of this chunk waits in the suspended iterator
             except FrameError as exc:

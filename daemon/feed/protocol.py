@@ -1,8 +1,12 @@
 """Feed protocol v1: a TCP stream of msgpack maps, typed here, decoded and validated in one place.
 
 ``decode`` turns one unpacked object into a frozen message or a ``Rejected`` value with a reason
-code. It checks everything a single message can show; what needs state (unknown symbol, a
-timestamp not after the symbol's last bar) is checked where that state lives.
+code. It checks everything a single message can show on its own: types, integer ranges (``seq``
+a u64, ``ts`` an i64), finite positive prices, consistent OHLC. ``check_bar`` then applies the
+configured bounds (``FeedBounds``: price and volume ranges, how far ahead of the wall clock and
+of the feed's current minute a bar may be), given the time; it is pure too, and the runtime
+calls it once per bar. What needs more state (unknown symbol, a timestamp not after the
+symbol's last bar) is checked where that state lives.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ class RejectReason(StrEnum):
     NEGATIVE_VOLUME = "negative_volume"
     UNKNOWN_SYMBOL = "unknown_symbol"
     OUT_OF_ORDER = "out_of_order"
+    PRICE_OUT_OF_RANGE = "price_out_of_range"  # outside [feed.min_price, feed.max_price]
+    VOLUME_OUT_OF_RANGE = "volume_out_of_range"  # over feed.max_volume
+    TS_OUT_OF_RANGE = "ts_out_of_range"  # not an i64
+    FUTURE_TS = "future_ts"  # more than feed.max_future_s ahead of the wall clock
+    AHEAD_OF_FEED = "ahead_of_feed"  # more than feed.max_ahead_s ahead of the feed's latest bar
+    NON_FINITE_FEATURE = "non_finite_feature"  # a feature of the bar would not be finite
+    INTERNAL_ERROR = "internal_error"  # the daemon failed on the bar (a bug; escalated, not silent)
 
 
 class Bar(msgspec.Struct, frozen=True, gc=False):
@@ -69,6 +80,25 @@ class Rejected(msgspec.Struct, frozen=True, gc=False):
 Message = Bar | MinuteEnd | Heartbeat | UnknownType | Rejected
 
 _PRICES = ("open", "high", "low", "close")
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+_U64_MAX = (1 << 64) - 1
+NS_PER_S = 1_000_000_000
+
+
+class FeedBounds(msgspec.Struct, frozen=True, gc=False):
+    """The configured limits a decoded bar must also meet (``[feed]`` in the configuration).
+
+    With prices in ``[min_price, max_price]`` every feature ratio and every order size computed
+    from a bar is finite; with ``ts`` at most ``max_future_ns`` past the wall clock one bar
+    cannot lock its symbol out (as out of order) or move the feed clock for long; with ``ts`` at
+    most ``max_ahead_ns`` past the feed's latest accepted bar, a replay of history cannot either.
+    """
+
+    min_price: float = 1e-6
+    max_price: float = 1e9
+    max_volume: float = 1e15
+    max_future_ns: int = 120 * NS_PER_S
+    max_ahead_ns: int = 10 * 86_400 * NS_PER_S
 
 
 class _InvalidError(Exception):
@@ -86,6 +116,27 @@ def _int(obj: dict[Any, Any], key: str) -> int:
     return value
 
 
+def _seq(obj: dict[Any, Any]) -> int:
+    seq = _int(obj, "seq")
+    if not 0 <= seq <= _U64_MAX:
+        raise _InvalidError(RejectReason.BAD_TYPE, f"seq must be a u64, got {seq}")
+    return seq
+
+
+def _ts(obj: dict[Any, Any]) -> int:
+    ts = _int(obj, "ts")
+    if not _I64_MIN <= ts <= _I64_MAX:
+        raise _InvalidError(RejectReason.TS_OUT_OF_RANGE, f"ts must be an i64, got {ts}")
+    return ts
+
+
+def _count(obj: dict[Any, Any]) -> int:
+    count = _int(obj, "count")
+    if not 0 <= count <= _I64_MAX:
+        raise _InvalidError(RejectReason.BAD_TYPE, f"count must be a non-negative i64, got {count}")
+    return count
+
+
 def _num(obj: dict[Any, Any], key: str) -> float:
     value = obj.get(key)
     if value is None:
@@ -93,22 +144,23 @@ def _num(obj: dict[Any, Any], key: str) -> float:
     kind = type(value)
     if kind is not float and kind is not int:
         raise _InvalidError(RejectReason.BAD_TYPE, f"{key} must be a number, got {kind.__name__}")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int past the float range (never off the wire: msgpack ints are 64-bit)
+        number = math.inf
     if not math.isfinite(number):
         raise _InvalidError(RejectReason.NON_FINITE, f"{key}={value}")
     return number
 
 
 def _decode_bar(obj: dict[Any, Any]) -> Bar:
-    seq = _int(obj, "seq")
-    if seq < 0:
-        raise _InvalidError(RejectReason.BAD_TYPE, f"seq must be unsigned, got {seq}")
+    seq = _seq(obj)
     symbol = obj.get("symbol")
     if symbol is None:
         raise _InvalidError(RejectReason.MISSING_FIELD, "symbol")
     if type(symbol) is not str or not symbol:
         raise _InvalidError(RejectReason.BAD_TYPE, f"symbol must be a non-empty string, got {symbol!r}")
-    ts = _int(obj, "ts")
+    ts = _ts(obj)
     o, h, lo, c = (_num(obj, k) for k in _PRICES)
     v = _num(obj, "volume")
     prev = obj.get("prev_close")
@@ -134,9 +186,9 @@ def decode(obj: object) -> Message:
             case "bar":
                 return _decode_bar(obj)
             case "minute_end":
-                return MinuteEnd(_int(obj, "seq"), _int(obj, "ts"), _int(obj, "count"))
+                return MinuteEnd(_seq(obj), _ts(obj), _count(obj))
             case "heartbeat":
-                return Heartbeat(_int(obj, "seq"), _int(obj, "ts"))
+                return Heartbeat(_seq(obj), _ts(obj))
             case None:
                 return Rejected(RejectReason.MISSING_FIELD, "type")
             case str() as other:
@@ -151,6 +203,34 @@ def decode(obj: object) -> Message:
             seq if type(seq) is int else None,
             symbol if type(symbol) is str else None,
         )
+
+
+def check_bar(bar: Bar, bounds: FeedBounds, wall_ns: int, feed_ns: int | None) -> Rejected | None:
+    """The configured bounds on a decoded bar: None when it meets them, else why not.
+
+    ``wall_ns`` is the wall clock now; ``feed_ns`` the feed's current minute (the latest bar
+    close accepted so far, None before the first). A replay of history is in the past of the
+    wall clock, so only a bar ahead of it is refused; against the feed's minute the bound is
+    loose enough for a weekend or a market closure between two bars.
+    """
+    lo, hi = bounds.min_price, bounds.max_price
+    # decode made low the smallest price and high the largest.
+    if bar.low < lo or bar.high > hi:
+        detail = f"open={bar.open} high={bar.high} low={bar.low} close={bar.close} outside [{lo}, {hi}]"
+        return Rejected(RejectReason.PRICE_OUT_OF_RANGE, detail, bar.seq, bar.symbol)
+    prev = bar.prev_close
+    if prev is not None and not lo <= prev <= hi:
+        return Rejected(RejectReason.PRICE_OUT_OF_RANGE, f"prev_close={prev} outside [{lo}, {hi}]", bar.seq, bar.symbol)
+    if bar.volume > bounds.max_volume:
+        detail = f"volume={bar.volume} over {bounds.max_volume}"
+        return Rejected(RejectReason.VOLUME_OUT_OF_RANGE, detail, bar.seq, bar.symbol)
+    if bar.ts > wall_ns + bounds.max_future_ns:
+        detail = f"ts {bar.ts} is {(bar.ts - wall_ns) / NS_PER_S:.0f} s ahead of the wall clock {wall_ns}"
+        return Rejected(RejectReason.FUTURE_TS, detail, bar.seq, bar.symbol)
+    if feed_ns is not None and bar.ts > feed_ns + bounds.max_ahead_ns:
+        detail = f"ts {bar.ts} is {(bar.ts - feed_ns) / NS_PER_S:.0f} s ahead of the feed's minute {feed_ns}"
+        return Rejected(RejectReason.AHEAD_OF_FEED, detail, bar.seq, bar.symbol)
+    return None
 
 
 def bar_map(bar: Bar) -> dict[str, object]:

@@ -1,0 +1,192 @@
+"""The journal's records: a msgspec tagged union (the tag is ``kind``) with a format version.
+
+Every record the daemon persists is one of these frozen structs, written and read in
+``broker.journal`` only. Restore matches on the types, never on strings. Applying a record twice
+changes nothing: orders are keyed by their client id and fills by ExecID and ``cum_qty``.
+
+The first record of every journal file is a ``Header`` naming the format; a reader refuses a
+format it does not know instead of guessing at it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+FORMAT = 2
+
+
+class _Record(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True, omit_defaults=False):
+    ts: int  # wall-clock ns when the record was written
+
+
+class Header(_Record, frozen=True, tag="header"):
+    format: int
+    created_by: str = "tradingd"
+
+
+class Start(_Record, frozen=True, tag="start"):
+    session: int
+    after_fail_stop: bool = False
+
+
+class Intent(_Record, frozen=True, tag="intent"):
+    id: str
+    symbol: str
+    side: str
+    qty: int
+    price: float
+    ts_event: int
+    signal: str = ""
+    confidence: float = 0.0
+
+
+class Denied(_Record, frozen=True, tag="denied"):
+    id: str
+    reason: str
+    detail: str = ""
+
+
+class Abandoned(_Record, frozen=True, tag="abandoned"):
+    """An intent closed without a decision, or a send that never reached the broker."""
+
+    id: str
+    detail: str = ""
+
+
+class Parked(_Record, frozen=True, tag="parked"):
+    id: str
+    expires_at: int
+    notional: float
+
+
+class Review(_Record, frozen=True, tag="review"):
+    id: str
+    action: str  # approved | rejected | expired
+    uid: int | None = None
+    reason: str = ""
+
+
+class Send(_Record, frozen=True, tag="send"):
+    """The order is about to be written to the broker (journaled and synced before the write)."""
+
+    id: str
+
+
+class Report(_Record, frozen=True, tag="report"):
+    """An execution report that was applied (or a reconciliation's word, with a synthetic ExecID)."""
+
+    id: str
+    exec_id: str
+    status: str
+    last_qty: int
+    last_px: float
+    cum_qty: int
+    text: str = ""
+
+
+class Cancel(_Record, frozen=True, tag="cancel"):
+    """A cancel request, journaled and synced before it is written; ``cancel_id`` is unique."""
+
+    id: str
+    cancel_id: str
+
+
+class HaltRecord(_Record, frozen=True, tag="halt"):
+    symbol: str | None
+    reason: str
+    ts_event: int
+    close: float | None = None
+    reference: float | None = None
+    uid: int | None = None
+
+
+class ReduceRecord(_Record, frozen=True, tag="reduce"):
+    symbol: str | None
+    reason: str
+    ts_event: int
+    close: float | None = None
+    reference: float | None = None
+    uid: int | None = None
+
+
+class LiftRecord(_Record, frozen=True, tag="lift"):
+    symbol: str | None
+    reason: str
+    ts_event: int
+    close: float | None = None
+    reference: float | None = None
+    uid: int | None = None
+
+
+class ReferenceRecord(_Record, frozen=True, tag="reference"):
+    symbol: str | None
+    reason: str
+    ts_event: int
+    close: float | None = None
+
+
+class Kill(_Record, frozen=True, tag="kill"):
+    on: bool
+    uid: int | None = None
+    reason: str = ""
+    # Tripped by the daemon itself on a fault it could not reason about (fail-stop). A restart
+    # begins with it lifted: the journal replay is what makes the new process trustworthy.
+    automatic: bool = False
+
+
+class Failover(_Record, frozen=True, tag="failover"):
+    from_engine: str = msgspec.field(name="from")
+    to: str
+    reason: str
+    detail: str = ""
+    rerun: bool = False
+    rows: int = 0
+    uid: int | None = None
+    rerun_failed: bool = False
+
+
+class Reconcile(_Record, frozen=True, tag="reconcile"):
+    differences: list[str]
+    positions: dict[str, int] | None = None
+
+
+class Operator(_Record, frozen=True, tag="operator"):
+    uid: int
+    command: str
+    args: dict[str, Any] = {}
+    refused: bool = False  # the uid is not one of ``admin.operators``
+
+
+class BadReport(_Record, frozen=True, tag="bad_report"):
+    """An execution report that was not applied because it contradicts what is known."""
+
+    id: str
+    exec_id: str
+    problem: str
+
+
+Record = (
+    Header
+    | Start
+    | Intent
+    | Denied
+    | Abandoned
+    | Parked
+    | Review
+    | Send
+    | Report
+    | Cancel
+    | HaltRecord
+    | ReduceRecord
+    | LiftRecord
+    | ReferenceRecord
+    | Kill
+    | Failover
+    | Reconcile
+    | Operator
+    | BadReport
+)
+
+HALT_RECORDS = {"halt": HaltRecord, "reduce": ReduceRecord, "lift": LiftRecord, "reference": ReferenceRecord}

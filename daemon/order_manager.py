@@ -1,0 +1,363 @@
+"""The order manager: orders from intent to a final state, journaled before they leave.
+
+It owns the order book, the journal and the gateway. Every order is journaled as an intent, its
+decision journaled, and its send journaled and synced before it is written (group commit per
+batch); a write the gateway refuses closes the order as never sent. Execution reports apply once,
+by ExecID and ``cum_qty`` (``broker.orders``); a report that contradicts the book is journaled and
+never applied, and the symbol is handed to ``on_inconsistent`` (the desk puts it in REDUCING).
+Cancels are sent once per order, each with its own id, journaled and synced first.
+
+Synchronous: called on the event loop, it never awaits. An error it cannot reason about (a
+journal write that fails, a broken invariant) propagates: the daemon fail-stops on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from broker import protocol as wire
+from broker import records as rec
+from broker.client import Gateway
+from broker.crashpoints import CRASH
+from broker.journal import Journal
+from broker.orders import FINAL, Order, OrderBook, OrderState, Refusal
+from daemon.clock import Clock
+from daemon.stats import Stats
+
+log = structlog.get_logger("tradingd.orders")
+
+NS = 1_000_000_000
+
+
+def synthetic_report(
+    order: Order, status: wire.ExecStatus, cum_qty: int, px: float, text: str, exec_id: str
+) -> wire.ExecReport:
+    """A report the daemon makes itself (reconciliation, a send that never left): same rules."""
+    last = max(cum_qty - order.filled_qty, 0)
+    leaves = 0 if status in (wire.ExecStatus.REJECTED, wire.ExecStatus.CANCELED) else order.qty - cum_qty
+    return wire.ExecReport(
+        order.cl_ord_id, exec_id, status, order.symbol, order.side, last, px, cum_qty, max(leaves, 0), 0, text
+    )
+
+
+class OrderManager:
+    def __init__(
+        self,
+        clock: Clock,
+        journal: Journal,
+        stats: Stats,
+        *,
+        on_inconsistent: Callable[[str, str], None] = lambda symbol, detail: None,
+        on_sent: Callable[[Order, int], None] = lambda order, wall: None,
+    ) -> None:
+        self.clock = clock
+        self.journal = journal
+        self.stats = stats
+        self.book = OrderBook()
+        self.gateway: Gateway | None = None
+        self.reconciled = False
+        self.session = 1
+        self.on_inconsistent = on_inconsistent
+        self.on_sent = on_sent
+        self._order_seq = 0
+        self._id_prefix = ""
+        self._outbox: list[tuple[Order, dict[str, Any]]] = []
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def begin_session(self) -> None:
+        wall = self.clock.wall_ns()
+        self._id_prefix = f"{wall // NS:x}{self.session}"
+        for order in self.book.orders.values():
+            if order.state in (OrderState.INTENT,):
+                # The process stopped between journaling the intent and deciding on it: the
+                # decision is closed as abandoned, never taken late.
+                self.journal.append(rec.Abandoned(ts=wall, id=order.cl_ord_id, detail="stopped before the decision"))
+                self.book.deny(order)
+                log.warning("intent_abandoned", id=order.cl_ord_id, detail="stopped before the decision")
+        self.journal.sync()
+
+    def restore_report(self, r: rec.Report) -> None:
+        order = self.book.orders.get(r.id)
+        if order is None:
+            return
+        status = wire.ExecStatus(r.status)
+        leaves = 0 if status in (wire.ExecStatus.REJECTED, wire.ExecStatus.CANCELED) else order.qty - r.cum_qty
+        report = wire.ExecReport(
+            r.id, r.exec_id, status, order.symbol, order.side, r.last_qty, r.last_px, r.cum_qty, max(leaves, 0), 0
+        )
+        self.book.apply(report)
+
+    def restore_abandoned(self, order: Order, detail: str) -> None:
+        if order.state in (OrderState.INTENT, OrderState.PARKED):
+            self.book.deny(order)
+        elif order.state not in FINAL:
+            self.book.apply(
+                synthetic_report(order, wire.ExecStatus.REJECTED, order.filled_qty, 0.0, detail, "")
+            )
+
+    # -- new orders -----------------------------------------------------------------------
+
+    def next_id(self) -> str:
+        self._order_seq += 1
+        return f"{self._id_prefix}-{self._order_seq}"
+
+    def intent(self, order: Order, signal: str, confidence: float) -> None:
+        self.journal.append(
+            rec.Intent(
+                ts=self.clock.wall_ns(),
+                id=order.cl_ord_id,
+                symbol=order.symbol,
+                side=str(order.side),
+                qty=order.qty,
+                price=order.price,
+                ts_event=order.ts_event,
+                signal=signal,
+                confidence=confidence,
+            )
+        )
+        self.book.add(order)
+
+    def deny(self, order: Order, reason: str, detail: str) -> None:
+        self.journal.append(rec.Denied(ts=self.clock.wall_ns(), id=order.cl_ord_id, reason=reason, detail=detail))
+        self.book.deny(order)
+
+    def park(self, order: Order, wall: int, expires: int, notional: float) -> None:
+        self.journal.append(rec.Parked(ts=wall, id=order.cl_ord_id, expires_at=expires, notional=notional))
+        order.move(OrderState.PARKED)
+
+    def can_send(self) -> bool:
+        gateway = self.gateway
+        return gateway is not None and gateway.connected and self.reconciled
+
+    def queue(self, order: Order, fields: dict[str, Any]) -> None:
+        """Journal the send; the order is written at ``commit``, after the journal sync."""
+        wall = self.clock.wall_ns()
+        self.journal.append(rec.Send(ts=wall, id=order.cl_ord_id))
+        self.on_sent(order, wall)
+        self._outbox.append((order, fields))
+
+    def commit(self) -> None:
+        """Group commit: the batch's records reach the journal file (and the disk, per the fsync
+        policy) before any of its orders leaves, so a crash can lose an order's send but never
+        send an order the journal does not know. An order the gateway cannot write is closed as
+        never sent (journaled), never left looking sent."""
+        self.journal.sync()
+        outbox, self._outbox = self._outbox, []
+        if not outbox:
+            return
+        if CRASH.armed:
+            CRASH.reached("batch_synced")
+        gateway = self.gateway
+        s = self.stats
+        sent: list[tuple[dict[str, Any], int | None]] = []
+        unsent = 0
+        for k, (order, fields) in enumerate(outbox):
+            if CRASH.armed and k == 1:
+                CRASH.reached("batch_partly_sent")
+            message = wire.NewOrder(order.cl_ord_id, order.symbol, order.side, order.qty, order.price, self.clock.wall_ns())
+            written = gateway is not None and gateway.send(message)
+            if CRASH.armed and written:
+                CRASH.reached("sent_not_marked")
+            if not written:
+                unsent += 1
+                detail = "the gateway could not write it (disconnected)"
+                self.journal.append(rec.Abandoned(ts=self.clock.wall_ns(), id=order.cl_ord_id, detail=detail))
+                self.book.deny(order)
+                s.sends_failed += 1
+                s.orders_denied["send_failed"] += 1
+                log.error("order_not_sent", detail=detail, **fields)
+                continue
+            ts_send = self.clock.mono_ns()
+            self.book.mark_sent(order, ts_send)
+            s.orders_sent += 1
+            latency = ts_send - order.ts_recv if order.ts_recv else None
+            if latency is not None:
+                s.tick_to_order.record(latency)
+            sent.append((fields, latency))
+        if unsent:
+            self.journal.sync()
+        # Logged after the whole batch is on the wire: a log line never delays the next order.
+        for fields, latency in sent:
+            log.info("order_sent", tick_to_order_us=latency // 1000 if latency is not None else None, **fields)
+
+    # -- cancels --------------------------------------------------------------------------
+
+    def cancel_working(self, symbol: str | None) -> int:
+        """Cancel every working order (of ``symbol``, or all) that has no cancel in flight: each
+        cancel journaled with its own id and synced, then written. Returns how many were written."""
+        wall = self.clock.wall_ns()
+        todo: list[tuple[Order, str]] = []
+        for order in self.book.working.values():
+            if (symbol is not None and order.symbol != symbol) or order.cancel_pending:
+                continue
+            order.cancels += 1
+            order.cancel_pending = True
+            cancel_id = f"{order.cl_ord_id}.C{self.session}-{order.cancels}"
+            self.journal.append(rec.Cancel(ts=wall, id=order.cl_ord_id, cancel_id=cancel_id))
+            todo.append((order, cancel_id))
+        if not todo:
+            return 0
+        self.journal.sync()
+        gateway = self.gateway
+        n = 0
+        for order, cancel_id in todo:
+            if gateway is not None and gateway.send(wire.Cancel(cancel_id, order.cl_ord_id, order.symbol, wall)):
+                n += 1
+            else:
+                order.cancel_pending = False  # not in flight: a later kill or halt may try again
+                log.error("cancel_not_sent", id=order.cl_ord_id, cancel_id=cancel_id, detail="gateway disconnected")
+        self.stats.cancels_sent += n
+        return n
+
+    @staticmethod
+    def restore_cancel(order: Order) -> None:
+        # Ids stay unique (they carry the session too); whether that cancel arrived is the
+        # reconciliation's to find out, so a new kill may cancel the order again.
+        order.cancels += 1
+
+    # -- broker ---------------------------------------------------------------------------
+
+    def sent_order(self, cl_ord_id: str) -> wire.NewOrder | None:
+        """An order as it was sent, from the book (which the journal rebuilt); None if unknown."""
+        order = self.book.orders.get(cl_ord_id)
+        if order is None:
+            return None
+        return wire.NewOrder(order.cl_ord_id, order.symbol, order.side, order.qty, order.price, order.ts_send)
+
+    def status_request(self) -> wire.StatusRequest:
+        """Ask the broker about every order sent and not yet final: the book's working orders."""
+        return wire.StatusRequest(cl_ord_ids=list(self.book.working), ts=self.clock.wall_ns())
+
+    def on_report(self, report: wire.ExecReport) -> None:
+        self._apply_report(report, self.clock.wall_ns())
+
+    def _apply_report(self, report: wire.ExecReport, wall: int) -> Refusal | None:
+        s = self.stats
+        known = self.book.orders.get(report.cl_ord_id)
+        was_sent = known is not None and known.state is OrderState.SENT
+        refusal = self.book.apply(report)
+        if refusal is not None:
+            self._refused(report, refusal, known, wall)
+            return refusal
+        self.journal.append(
+            rec.Report(
+                ts=wall,
+                id=report.cl_ord_id,
+                exec_id=report.exec_id,
+                status=str(report.status),
+                last_qty=report.last_qty,
+                last_px=report.last_px,
+                cum_qty=report.cum_qty,
+                text=report.text,
+            )
+        )
+        order = self.book.orders.get(report.cl_ord_id) or known
+        assert order is not None
+        if report.last_qty or report.cum_qty:
+            s.fills += bool(report.last_qty)
+            log.info(
+                "fill",
+                id=report.cl_ord_id,
+                symbol=order.symbol,
+                qty=report.last_qty,
+                cum_qty=report.cum_qty,
+                px=report.last_px,
+                position=self.book.positions.get(order.symbol, 0),
+            )
+        state = order.state
+        if was_sent and state is not OrderState.REJECTED:
+            s.orders_acked += 1  # the broker's first word on the order, and not a refusal
+        if state is OrderState.FILLED:
+            s.orders_filled += 1
+        elif state is OrderState.REJECTED:
+            s.orders_rejected += 1
+            log.warning("order_rejected", id=report.cl_ord_id, reason=report.text)
+        elif state is OrderState.CANCELED:
+            s.orders_canceled += 1
+        return None
+
+    def _refused(self, report: wire.ExecReport, refusal: Refusal, order: Order | None, wall: int) -> None:
+        s = self.stats
+        if not refusal.inconsistent:
+            s.reports_ignored[refusal.code] += 1
+            log.warning("exec_report_ignored", id=report.cl_ord_id, exec_id=report.exec_id, problem=refusal.detail)
+            return
+        s.reports_inconsistent[refusal.code] += 1
+        self.journal.append(rec.BadReport(ts=wall, id=report.cl_ord_id, exec_id=report.exec_id, problem=refusal.detail))
+        log.error(
+            "exec_report_inconsistent",
+            id=report.cl_ord_id,
+            exec_id=report.exec_id,
+            problem=refusal.code,
+            detail=refusal.detail,
+            action="not applied; symbol reducing-only until an operator resumes it",
+        )
+        assert order is not None  # an unknown order is never inconsistent
+        self.on_inconsistent(order.symbol, refusal.detail)
+
+    def reconcile(self, status: wire.Status) -> list[str]:
+        """Bring orders and positions in line with the broker's word; returns the differences."""
+        differences: list[str] = []
+        wall = self.clock.wall_ns()
+        for k, s in enumerate(status.orders):
+            if CRASH.armed and k == 1:
+                CRASH.reached("mid_reconcile")
+            order = self.book.orders.get(s.cl_ord_id)
+            if order is None:
+                differences.append(f"broker knows order {s.cl_ord_id} the journal does not")
+                continue
+            if order.state in FINAL:
+                continue
+            missing = s.cum_qty - order.filled_qty
+            moved = s.status.value != order.state.value and not (
+                s.status is wire.ExecStatus.NEW and order.state is OrderState.ACKED
+            )
+            if missing or moved:
+                exec_id = f"reconcile:{self.session}:{s.status}:{s.cum_qty}"
+                report = synthetic_report(order, s.status, s.cum_qty, s.avg_px, "reconciled", exec_id)
+                refusal = self._apply_report(report, wall)
+                what = f"not applied: {refusal.detail}" if refusal is not None else f"{max(missing, 0)} filled while away"
+                differences.append(f"{s.cl_ord_id}: {s.status} at the broker, {what}")
+        for cl_ord_id in status.unknown:
+            order = self.book.orders.get(cl_ord_id)
+            if order is None or order.state in FINAL:
+                continue
+            # Journaled as sent, but the broker never received it: the process died in between.
+            # The signal is stale now; it is closed, never resent blindly.
+            self.journal.append(rec.Abandoned(ts=wall, id=cl_ord_id, detail="never reached the broker"))
+            self.restore_abandoned(order, "never reached the broker")
+            differences.append(f"{cl_ord_id}: never reached the broker; closed, not resent")
+        positions = self.book.positions
+        broker_positions = status.positions if status.positions is not None else positions
+        for symbol in sorted(set(broker_positions) | set(positions)):
+            ours, theirs = positions.get(symbol, 0), broker_positions.get(symbol, 0)
+            if ours != theirs:
+                differences.append(f"position {symbol}: journal {ours}, broker {theirs}; taking the broker's")
+                positions[symbol] = theirs
+        self.journal.append(rec.Reconcile(ts=wall, differences=differences, positions=dict(positions)))
+        self.journal.sync()
+        self.stats.reconcile_differences += len(differences)
+        for d in differences:
+            log.error("reconcile_difference", detail=d)
+        log.info("reconciled", orders_checked=len(status.orders) + len(status.unknown), differences=len(differences))
+        self.reconciled = True
+        return differences
+
+    def on_broker_event(self, kind: str, detail: str) -> None:
+        if kind == "connected":
+            self.stats.broker_connects += 1
+            # Every (re)connection is reconciled before orders flow again.
+            self.reconciled = False
+            if self.gateway is not None:
+                self.gateway.send(self.status_request())
+        elif kind == "disconnected":
+            self.stats.broker_disconnects += 1
+            self.reconciled = False
+            # A cancel in flight may not have arrived: after the reconnect, it may be sent again.
+            for order in self.book.working.values():
+                order.cancel_pending = False
+        log.info("broker_" + kind, detail=detail)

@@ -1,0 +1,172 @@
+"""The risk engine: the state the pre-trade gates read, and the decision for one order.
+
+It owns the kill switch, the trading states (``risk.halts``), the manual-review queue, the order
+rate and duplicate memory and the risk clock; it builds the frozen ``RiskView`` and runs the pure
+gates of ``risk.gates`` over it. It does no I/O: the desk journals what it decides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from broker import protocol as wire
+from broker.orders import Order, OrderBook
+from daemon.clock import Clock
+from daemon.config import Config, RiskConfig
+from daemon.windows import FeatureWindows
+from risk.gates import Limits, OrderCheck, RiskView, SymbolLimits, check_order, needs_review
+from risk.halts import HaltBook, HaltEvent, HaltRule
+from risk.review import Parked, ReviewQueue
+
+NS = 1_000_000_000
+
+
+def limits_from_config(risk: RiskConfig) -> Limits:
+    default = SymbolLimits(risk.max_order_qty, risk.max_order_notional, risk.max_position, risk.collar_pct)
+    per_symbol = {
+        symbol: SymbolLimits(
+            o.max_order_qty or default.max_order_qty,
+            o.max_order_notional or default.max_order_notional,
+            o.max_position or default.max_position,
+            o.collar_pct or default.collar_pct,
+        )
+        for symbol, o in risk.symbols.items()
+    }
+    return Limits(
+        default=default,
+        per_symbol=per_symbol,
+        max_gross_exposure=risk.max_gross_exposure,
+        max_signal_age_ns=int(risk.max_signal_age_s * NS),
+        max_price_age_ns=int(risk.max_price_age_s * NS),
+        throttle_orders=risk.throttle_orders,
+        throttle_window_ns=risk.throttle_window_ms * 1_000_000,
+        duplicate_window_ns=risk.duplicate_window_ms * 1_000_000,
+        review_notional=risk.review_threshold,
+    )
+
+
+def sign(side: wire.Side) -> int:
+    return 1 if side is wire.Side.BUY else -1
+
+
+@dataclass(frozen=True, slots=True)
+class Gross:
+    """Gross exposure at reference prices; ``unpriced`` names a held symbol with no price at all
+    (after a restart, before its first bar): then the exposure is unknown and the gate fails closed."""
+
+    value: float
+    unpriced: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The gates' answer for one order: a denial reason (with detail), park, or send."""
+
+    reason: str | None
+    detail: str = ""
+    park: bool = False
+    notional: float = 0.0
+
+
+class RiskEngine:
+    def __init__(self, config: Config, windows: FeatureWindows, clock: Clock) -> None:
+        self.config = config
+        self.windows = windows
+        self.clock = clock
+        self.limits = limits_from_config(config.risk)
+        halt = config.risk.halt
+        self.halts = HaltBook(
+            HaltRule(
+                halt.move_pct, halt.benchmark, halt.market_share, int(halt.cooloff_s * NS) if halt.cooloff_s else None
+            ),
+            windows.symbols,
+        )
+        self.reviews = ReviewQueue()
+        self.kill = False
+        self.feed_now = 0
+        self._recent_sends: deque[int] = deque()
+        self._last_same: dict[tuple[str, str, int, float], int] = {}
+        self._feed_clock = config.risk.clock == "feed"
+
+    def now(self) -> int:
+        """The risk clock: feed time in a replay (``risk.clock = "feed"``), else wall time."""
+        return self.feed_now if self._feed_clock else self.clock.wall_ns()
+
+    def on_bar(self, symbol: str, ts: int, open_: float, close: float, prev_close: float | None) -> list[HaltEvent]:
+        self.feed_now = max(self.feed_now, ts)
+        return self.halts.on_bar(symbol, ts, open_, close, prev_close)
+
+    def gross(self, book: OrderBook) -> Gross:
+        """Sum of |position + working| at the last close, or the last fill price where no bar has
+        arrived since a restart; a held symbol with neither makes the exposure unknown."""
+        index, closes, counts = self.windows.index, self.windows.last_close, self.windows.count
+        total = 0.0
+        for symbol in set(book.positions) | set(book.open_qty):
+            held = abs(book.exposure(symbol))
+            if not held:
+                continue
+            i = index.get(symbol)
+            price = closes[i] if i is not None and counts[i] else book.last_fill_px.get(symbol, 0.0)
+            if not (math.isfinite(price) and price > 0.0):
+                return Gross(math.inf, symbol)
+            total += held * price
+        return Gross(total)
+
+    def decide(self, order: Order, position: int, gross: Gross, ts_event: int, *, review: bool) -> Decision:
+        """Gates 1-6, the one-order-in-review-per-symbol rule, then gate 7 (review)."""
+        check = OrderCheck(order.symbol, sign(order.side), order.qty, order.price, ts_event)
+        view = self._view(order, position, gross)
+        denial = check_order(check, self.limits, view)
+        if denial is not None:
+            return Decision(str(denial.reason), denial.detail)
+        if review and self.reviews.has_symbol(order.symbol):
+            return Decision("review_pending", f"{order.symbol} already has an order waiting for review")
+        if review and needs_review(check, self.limits, view):
+            return Decision(None, park=True, notional=check.notional)
+        return Decision(None, notional=check.notional)
+
+    def exposure_change(self, order: Order, position: int) -> float:
+        """How much an order adds to gross exposure if it fills (for the rest of the batch)."""
+        i = self.windows.index[order.symbol]
+        ref = self.windows.last_close[i] or order.price
+        after = position + sign(order.side) * order.qty
+        return (abs(after) - abs(position)) * ref
+
+    def _view(self, order: Order, position: int, gross: Gross) -> RiskView:
+        i = self.windows.index[order.symbol]
+        wall = self.clock.wall_ns()
+        window_start = wall - self.limits.throttle_window_ns
+        recent = self._recent_sends
+        while recent and recent[0] <= window_start:
+            recent.popleft()
+        return RiskView(
+            now_ns=self.now(),
+            wall_ns=wall,
+            kill=self.kill,
+            market=self.halts.market,
+            symbol_state=self.halts.state[order.symbol],
+            ref_price=self.windows.last_close[i] or None,
+            ref_price_ts=self.windows.last_ts[i] if self.windows.count[i] else None,
+            position=position,
+            gross_exposure=gross.value,
+            unpriced=gross.unpriced,
+            recent_order_ts=tuple(recent),
+            last_same_order_ts=self._last_same.get((order.symbol, order.side, order.qty, order.price)),
+        )
+
+    def remember_send(self, order: Order, wall: int) -> None:
+        self._recent_sends.append(wall)
+        last_same = self._last_same
+        last_same[(order.symbol, order.side, order.qty, order.price)] = wall
+        if len(last_same) > 4 * len(self.windows.symbols) + 1024:
+            # Only sends inside the duplicate window matter; forget the rest.
+            horizon = wall - self.limits.duplicate_window_ns
+            self._last_same = {k: ts for k, ts in last_same.items() if ts > horizon}
+
+    @staticmethod
+    def parked(order: Order, wall: int, expires: int) -> Parked:
+        return Parked(
+            order.cl_ord_id, order.symbol, sign(order.side), order.qty, order.price, order.ts_event, wall, expires
+        )
