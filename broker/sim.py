@@ -43,6 +43,7 @@ class SimConfig:
     seed: int = 0
     max_frame_bytes: int = 65536
     rest: bool = False  # acknowledge and fill nothing: orders rest until cancelled
+    fill_resting: bool = False  # at start, fill the orders an earlier life left resting (the market moved)
     duplicate_rate: float = 0.0  # a report sent twice, same ExecID
     reorder_rate: float = 0.0  # two of an order's reports swapped
     garble_rate: float = 0.0  # a contradictory report (fresh ExecID) before the true one
@@ -122,6 +123,20 @@ class BrokerSimulator:
         if log_path is not None and log_path.exists():
             self._remember(log_path)
         self._log: IO[bytes] | None = log_path.open("ab") if log_path else None
+        if config.fill_resting:
+            self._fill_resting()
+
+    def _fill_resting(self) -> None:
+        """Fill, at their limits, the orders an earlier life left working: what the daemon must
+        learn by reconciliation, since nobody was connected to hear it."""
+        for w in self._working.values():
+            if w.status not in (wire.ExecStatus.NEW, wire.ExecStatus.PARTIALLY_FILLED):
+                continue
+            order, qty = w.order, w.order.qty - w.cum_qty
+            w.cum_qty, w.status = order.qty, wire.ExecStatus.FILLED
+            signed = qty if order.side is wire.Side.BUY else -qty
+            self.positions[order.symbol] = self.positions.get(order.symbol, 0) + signed
+            self._write_log(wire.encode(self._report(order, w.status, qty, w.cum_qty)))
 
     def _remember(self, log_path: Path) -> None:
         """Rebuild orders, executions and positions from an earlier life's log."""

@@ -474,6 +474,8 @@ class Daemon:
         if self.gateway is not None:
             self.gateway.stop()
         for task in self._tasks:
+            if task.get_name() == "ready":
+                task.cancel()  # waits for a feed connection that may never come
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=deadline_s)
         if runtime is not None:

@@ -155,7 +155,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EX_SOFTWARE
         return 0
 
-    return _run_async(main(), loop=args.loop)
+    code = _run_async(main(), loop=args.loop)
+    if code == EX_SOFTWARE:
+        # A fail-stop exits now: a hung inference thread must not hold the exit (and the
+        # restart) hostage to the interpreter's join of its worker threads.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -238,6 +245,7 @@ def cmd_broker_sim(args: argparse.Namespace) -> int:
         reorder_rate=args.reorder_rate,
         garble_rate=args.garble_rate,
         rest=args.rest,
+        fill_resting=args.fill_resting,
     )
 
     _serve(BrokerSimulator(config, Path(args.log) if args.log else None), args.host, args.port)
@@ -423,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial-fills", type=int, default=1)
     p.add_argument("--reject-rate", type=float, default=0.0)
     p.add_argument("--rest", action="store_true", help="acknowledge orders and fill none (they rest)")
+    p.add_argument(
+        "--fill-resting", action="store_true", help="at start, fill the orders an earlier life (--log) left resting"
+    )
     p.add_argument("--duplicate-rate", type=float, default=0.0, help="hostile: repeat a report (same ExecID)")
     p.add_argument("--reorder-rate", type=float, default=0.0, help="hostile: swap two of an order's reports")
     p.add_argument("--garble-rate", type=float, default=0.0, help="hostile: a contradictory report first")

@@ -107,7 +107,7 @@ class OrderDesk:
             match r:
                 case rec.Start():
                     orders.session = max(orders.session, r.session + 1)
-                case rec.Intent():
+                case rec.Intent() if order is None:
                     book.add(Order(r.id, r.symbol, wire.Side(r.side), r.qty, r.price, r.ts_event, 0))
                 case rec.Denied() if order is not None and order.state in (OrderState.INTENT, OrderState.PARKED):
                     book.deny(order)

@@ -1,0 +1,319 @@
+"""The order path under fault: repeated and contradictory execution reports, sends the gateway
+cannot write, the kill switch, an engine set whose standby fails too, restored positions with no
+price, and what another thread may read. Each test fails on the order path before issue 12."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from broker import protocol as wire
+from broker import records as rec
+from broker.journal import Journal, read_journal, recover_journal
+from broker.orders import FINAL, Order, OrderState
+from broker.sim import SimConfig
+from daemon.clock import FakeClock
+from daemon.config import Config, RiskConfig, SignalConfig, UniverseConfig
+from daemon.desk import OrderDesk
+from daemon.engineset import EngineSet, RerunFailedError
+from daemon.metrics import _histogram
+from daemon.order_manager import OrderManager
+from daemon.risk_engine import Gross, RiskEngine
+from daemon.stats import LatencyRecorder, Stats
+from daemon.windows import FeatureWindows
+from engines.base import EngineHealth
+from engines.manifest import load_manifest
+from risk.failover import FailoverPolicy, FailoverReason
+from tests.helpers import running_rig, wait_for
+from tests.test_daemon_loopback import WINDOW, _send_minutes
+
+SYMBOLS = ("AAA", "BBB", "CCC")
+
+
+# -- a gateway whose far side is gone: the fake of the boundary -------------------------------
+
+
+class DroppingGateway:
+    """Says it is connected, and writes the first ``writes`` messages only (a transport that
+    closes under the daemon's feet); raises on write number ``raise_on`` if set."""
+
+    def __init__(self, writes: int = 0, raise_on: int | None = None) -> None:
+        self.writes = writes
+        self.raise_on = raise_on
+        self.written: list[wire.NewOrder | wire.Cancel | wire.StatusRequest] = []
+        self.calls = 0
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
+        self.calls += 1
+        if self.raise_on is not None and self.calls == self.raise_on:
+            raise RuntimeError("transport broke mid-batch")
+        if len(self.written) >= self.writes:
+            return False
+        self.written.append(message)
+        return True
+
+    async def run(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+def _manager(tmp_path: Path, gateway: DroppingGateway) -> tuple[OrderManager, Journal]:
+    journal = Journal(tmp_path / "j.msgpack", "none")
+    manager = OrderManager(FakeClock(), journal, Stats())
+    manager.gateway = gateway
+    manager.reconciled = True
+    manager.begin_session()
+    return manager, journal
+
+
+def _queue(manager: OrderManager, n: int) -> list[Order]:
+    orders = []
+    for _ in range(n):
+        order = Order(manager.next_id(), "AAA", wire.Side.BUY, 10, 100.0, 1, 1)
+        manager.intent(order, "buy", 0.9)
+        manager.queue(order, {"id": order.cl_ord_id})
+        orders.append(order)
+    return orders
+
+
+def test_commit_when_the_gateway_cannot_write_closes_the_order_as_never_sent(tmp_path: Path) -> None:
+    manager, journal = _manager(tmp_path, DroppingGateway(writes=1))
+    first, second = _queue(manager, 2)
+    manager.commit()
+    assert first.state is OrderState.SENT and second.state is OrderState.DENIED
+    assert manager.stats.orders_sent == 1 and manager.stats.sends_failed == 1
+    assert list(manager.book.working) == [first.cl_ord_id]
+    journal.close()
+    abandoned = [r for r in read_journal(tmp_path / "j.msgpack") if r["kind"] == "abandoned"]
+    assert [r["id"] for r in abandoned] == [second.cl_ord_id]
+
+
+def test_commit_when_a_write_raises_mid_batch_never_sends_the_batch_again(tmp_path: Path) -> None:
+    gateway = DroppingGateway(writes=10, raise_on=2)
+    manager, _ = _manager(tmp_path, gateway)
+    _queue(manager, 3)
+    with pytest.raises(RuntimeError):
+        manager.commit()
+    manager.commit()  # the next batch: nothing of the broken one is left to go out
+    assert [m.cl_ord_id for m in gateway.written if isinstance(m, wire.NewOrder)] == [f"{manager._id_prefix}-1"]
+
+
+def test_cancel_working_twice_sends_one_cancel_per_order_each_with_its_own_journaled_id(tmp_path: Path) -> None:
+    gateway = DroppingGateway(writes=100)
+    manager, journal = _manager(tmp_path, gateway)
+    orders = _queue(manager, 3)
+    manager.commit()
+    assert manager.cancel_working(None) == 3
+    assert manager.cancel_working(None) == 0  # a halt after the kill: nothing in flight twice
+    cancels = [m for m in gateway.written if isinstance(m, wire.Cancel)]
+    assert sorted(c.orig_cl_ord_id for c in cancels) == sorted(o.cl_ord_id for o in orders)
+    assert len({c.cl_ord_id for c in cancels}) == 3
+    journal.close()
+    journaled = [r["cancel_id"] for r in read_journal(tmp_path / "j.msgpack") if r["kind"] == "cancel"]
+    assert sorted(journaled) == sorted(c.cl_ord_id for c in cancels)
+
+
+async def test_kill_switch_sends_exactly_one_cancel_per_working_order(tmp_path: Path) -> None:
+    async with running_rig(
+        tmp_path, SYMBOLS, SimConfig(rest=True), signal=SignalConfig(confidence_threshold=0.0)
+    ) as rig:
+        await _send_minutes(rig, SYMBOLS, range(WINDOW + 1))
+        await wait_for(lambda: rig.daemon.runtime.idle_event.is_set() and rig.daemon.stats.orders_acked >= 1)
+        desk = rig.daemon.runtime.desk
+        working = sorted(desk.book.working)
+        assert working
+        assert desk.kill_switch(uid=0) == len(working)
+        await wait_for(lambda: not desk.book.working, what="every working order cancelled")
+        assert rig.broker is not None
+        assert sorted(rig.broker._working[c].order.cl_ord_id for c in working) == working
+        assert rig.broker.cancels == len(working)
+        assert len(set(rig.broker.cancel_ids)) == len(working)
+        assert desk.kill_switch(uid=0) == 0  # nothing left working: no cancel at all
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        SimConfig(partial_fills=3, duplicate_rate=1.0),
+        SimConfig(partial_fills=3, reorder_rate=1.0, seed=3),
+        SimConfig(partial_fills=3, garble_rate=0.5, seed=5),
+        SimConfig(partial_fills=4, duplicate_rate=0.3, reorder_rate=0.3, garble_rate=0.3, seed=11),
+    ],
+    ids=["repeats", "reorders", "garbles", "all"],
+)
+async def test_a_hostile_broker_never_moves_positions_away_from_the_fills_that_happened(
+    tmp_path: Path, hostile: SimConfig
+) -> None:
+    async with running_rig(tmp_path, SYMBOLS, hostile, signal=SignalConfig(confidence_threshold=0.0)) as rig:
+        await _send_minutes(rig, SYMBOLS, range(WINDOW + 6))
+        broker, desk, stats = rig.broker, rig.daemon.runtime.desk, rig.daemon.stats
+        assert broker is not None
+        await wait_for(
+            lambda: stats.minute_ends == WINDOW + 6 and rig.daemon.runtime.idle_event.is_set() and not desk.book.working,
+            what="every order final",
+        )
+        assert broker.received and broker.hostile > 0
+        truth = {s: q for s, q in broker.positions.items() if q}
+        assert {s: q for s, q in desk.book.positions.items() if q} == truth
+        assert all(desk.book.orders[o.cl_ord_id].state in FINAL for o in broker.received)
+        if hostile.duplicate_rate:
+            assert stats.reports_ignored["duplicate_exec_id"] > 0
+        if hostile.garble_rate:
+            assert sum(stats.reports_inconsistent.values()) > 0
+            assert desk.status()["reducing"], "a symbol with a contradictory report trades reducing-only"
+    records = list(read_journal(tmp_path / "journal.msgpack"))
+    applied = [(r["id"], r["exec_id"]) for r in records if r["kind"] == "report"]
+    assert len(applied) == len(set(applied)), "an execution applied twice"
+
+
+def test_restore_when_a_duplicate_report_was_journaled_rebuilds_the_same_position(tmp_path: Path) -> None:
+    """A journal replay applies reports by the same rules: a restart cannot double-count either."""
+    gateway = DroppingGateway(writes=10)
+    manager, journal = _manager(tmp_path, gateway)
+    (order,) = _queue(manager, 1)
+    manager.commit()
+    fill = wire.ExecReport(order.cl_ord_id, "X1", wire.ExecStatus.PARTIALLY_FILLED, "AAA", order.side, 4, 100.0, 4, 6, 0)
+    manager.on_report(fill)
+    manager.on_report(fill)
+    journal.close()
+    records, _ = recover_journal(tmp_path / "j.msgpack")
+    reports = [r for r in records if isinstance(r, rec.Report)]
+    assert len(reports) == 1
+    config = Config(universe=UniverseConfig(symbols=("AAA",)))
+    manifest = load_manifest_for_tests()
+    desk = OrderDesk(
+        config,
+        FeatureWindows(("AAA",), manifest.window, manifest.features),
+        FakeClock(),
+        Journal(tmp_path / "j2.msgpack", "none"),
+        Stats(),
+    )
+    desk.restore(records + records[1:])  # even a journal read twice
+    assert desk.book.positions == {"AAA": 4} and desk.book.orders[order.cl_ord_id].filled_qty == 4
+
+
+def load_manifest_for_tests():  # type: ignore[no-untyped-def]
+    from engines.chooser import DEFAULT_MODEL  # noqa: PLC0415
+
+    return load_manifest(DEFAULT_MODEL)
+
+
+# -- exposure after a restart -----------------------------------------------------------------
+
+
+def _risk(tmp_path: Path) -> tuple[RiskEngine, OrderManager]:
+    manifest = load_manifest_for_tests()
+    config = Config(universe=UniverseConfig(symbols=SYMBOLS), risk=RiskConfig(clock="feed", max_gross_exposure=1_000_000.0))
+    windows = FeatureWindows(SYMBOLS, manifest.window, manifest.features)
+    manager = OrderManager(FakeClock(), Journal(tmp_path / "j.msgpack", "none"), Stats())
+    return RiskEngine(config, windows, FakeClock()), manager
+
+
+def test_gross_when_a_restored_position_has_no_price_is_unknown_and_the_gate_fails_closed(tmp_path: Path) -> None:
+    risk, manager = _risk(tmp_path)
+    manager.book.positions["AAA"] = 50_000  # restored from the journal; no bar since the restart
+    gross = risk.gross(manager.book)
+    assert gross == Gross(float("inf"), "AAA")
+    order = Order("X", "BBB", wire.Side.BUY, 10, 100.0, 0, 0)
+    risk.windows.push(1, 60, 100.0, 100.0, 100.0, 100.0, 1.0, None)
+    risk.feed_now = 60
+    decision = risk.decide(order, 0, gross, ts_event=60, review=False)
+    assert decision.reason == "max_gross_exposure" and "AAA" in decision.detail
+
+
+def test_gross_when_a_restored_position_has_a_fill_price_values_it_there(tmp_path: Path) -> None:
+    risk, manager = _risk(tmp_path)
+    manager.book.positions["AAA"] = 50_000
+    manager.book.last_fill_px["AAA"] = 30.0
+    assert risk.gross(manager.book) == Gross(1_500_000.0)
+
+
+# -- engines ----------------------------------------------------------------------------------
+
+
+class _Raising:
+    """An engine whose every inference raises (for the standby that fails too)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, name: str, on_infer: object = None) -> None:
+        self.name = name
+        self.buckets = (1, 8)
+        self.manifest = load_manifest_for_tests()
+        self._buf = np.zeros((8, self.manifest.window, len(self.manifest.features)), dtype=np.float32)
+        self.on_infer = on_infer
+
+    def bucket_for(self, n: int) -> int:
+        return 1 if n <= 1 else 8
+
+    def input_buffer(self, bucket: int) -> npt.NDArray[np.float32]:
+        return self._buf[:bucket]
+
+    def infer(self, bucket: int) -> npt.NDArray[np.float32]:
+        if callable(self.on_infer):
+            self.on_infer()
+        raise RuntimeError(f"{self.name} is broken")
+
+    def warm_up(self) -> None:
+        return None
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(ok=False, detail="broken", inferences=0, failures=0)
+
+    def close(self) -> None:
+        return None
+
+
+def test_run_when_the_standby_fails_the_rerun_still_reports_the_switch() -> None:
+    engines = EngineSet(_Raising("primary"), _Raising("standby"), FailoverPolicy(1_000_000, 3, 20), lambda: 0)  # type: ignore[arg-type]
+    with pytest.raises(RerunFailedError) as caught:
+        engines.run(engines.primary, 1, 1)  # type: ignore[arg-type]
+    assert caught.value.event.to_engine == "standby" and engines.active.name == "standby"
+
+
+def test_run_when_an_operator_switched_during_the_batch_judges_nothing_twice() -> None:
+    engines: EngineSet
+
+    def operator_switch() -> None:
+        engines.switch("standby", FailoverReason.OPERATOR, "operator uid 0")
+
+    standby = _Raising("standby")
+    standby.infer = lambda bucket: np.zeros((bucket, 3), dtype=np.float32)  # type: ignore[method-assign]
+    engines = EngineSet(
+        _Raising("primary", operator_switch),  # type: ignore[arg-type]
+        standby,  # type: ignore[arg-type]
+        FailoverPolicy(1_000_000, 3, 20),
+        lambda: 0,
+    )
+    outcome = engines.run(engines.primary, 1, 1)  # type: ignore[arg-type]
+    assert outcome.engine == "standby" and outcome.event is None
+    assert engines.failovers == 1  # the operator's switch only
+
+
+# -- what the metrics thread reads ------------------------------------------------------------
+
+
+def test_histogram_when_a_scrape_lands_between_bucket_and_count_stays_monotonic() -> None:
+    recorder = LatencyRecorder(capacity=16)
+    recorder.record(50_000)
+    recorder.buckets[3] += 1  # ``record`` has incremented the bucket; its count is not yet updated
+    family = _histogram("x_seconds", "x", recorder)
+    counts = [s.value for s in family.samples if s.name == "x_seconds_bucket"]
+    assert counts == sorted(counts) and counts[-1] == max(counts)
+
+
+def test_journal_when_a_record_cannot_be_encoded_raises_a_journal_error(tmp_path: Path) -> None:
+    from broker.errors import JournalError  # noqa: PLC0415
+
+    journal = Journal(tmp_path / "j.msgpack", "none")
+    with pytest.raises(JournalError, match="encode Intent"):
+        journal.append(rec.Intent(ts=0, id="A", symbol="AAA", side="buy", qty=10**30, price=1.0, ts_event=0))
