@@ -195,7 +195,8 @@ def run_point(point: str, run: int, work: Path, csv: Path) -> RunResult:
     final_exit: int | None = None
     status: dict[str, Any] | None = None
     try:
-        daemon = _daemon(config, logs, f"{point}@{nth + run}")
+        # Each run crashes at a later occurrence of the point (a reconciliation happens once).
+        daemon = _daemon(config, logs, f"{point}@{nth if resting else nth + run}")
         if resting:
             _settle(sock, daemon)  # every order rests, working, at the broker
             broker.terminate()
@@ -263,8 +264,10 @@ def main() -> int:
                     f"{result.unended_intents}, orphans {result.orphans}, final exit {result.final_exit}",
                     flush=True,
                 )
-    print("\n| point | runs | crashed at the point | orders at the broker | duplicates | position mismatches "
-          "| unended intents |")
+    print(
+        "\n| point | runs | crashed at the point | orders at the broker | duplicates | position mismatches "
+        "| unended intents |"
+    )
     print("|---|---|---|---|---|---|---|")
     for point in args.points.split(","):
         rs = [r for r in results if r.point == point]

@@ -6,14 +6,18 @@ Session layer: Logon (with the heartbeat interval), Heartbeat and TestRequest bo
 sequence numbers persisted across restarts (``FixSeqStore``), ResendRequest answered with one
 SequenceReset-GapFill (an order is never resent blindly: what the broker missed is reconciled
 through OrderStatusRequest), SequenceReset from the peer, Logout, session-level Reject and
-BusinessMessageReject, and gap detection on what we receive (ResendRequest; a resent message
-carries PossDupFlag and an ExecID seen before is not applied twice). Messages with a bad
+BusinessMessageReject, and gap detection on what we receive (one open-ended ResendRequest per
+gap, none more while it is being answered; a resent message carries PossDupFlag and an ExecID
+seen before is not applied twice). Messages with a bad
 checksum or body length are dropped unprocessed (the peer's resend covers them); a wrong
 CompID is rejected and the session logged out; an unknown message type is answered with a
 session Reject, an unsupported one with a BusinessMessageReject.
 
 Application layer: NewOrderSingle, OrderCancelRequest, OrderStatusRequest out; ExecutionReport
-and OrderCancelReject in, mapped onto the order state machine of ``broker.orders``.
+and OrderCancelReject in, mapped onto the order state machine of ``broker.orders``. Nothing is
+guessed: a cancel of an order this side does not know (no Side, no OrderQty) is refused, and a
+report whose quantity is not a whole number, or whose price or side cannot be read, is answered
+with a session Reject and counted, never truncated or defaulted.
 
 Codec: ``simplefix`` builds and parses messages (and fills BodyLength and CheckSum); framing
 and checksum verification are ours, from BodyLength.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,12 +53,18 @@ MAX_FRAME = 64 * 1024
 # Orders, order MsgSeqNums and ExecIDs remembered per session, oldest forgotten first (the
 # desk's book, which the journal rebuilds, answers for orders older than that).
 RECENT = 10_000
+# FIX quantities are of the float type, so "100" and "100.00" are one whole quantity; a fraction,
+# an exponent, a sign or more shares than any order here could hold is a broken field.
+QTY = re.compile(r"([0-9]{1,18})(?:\.0*)?", re.ASCII)
+MAX_QTY = 1_000_000_000
+PX = re.compile(r"[0-9]{1,15}(?:\.[0-9]{0,15})?", re.ASCII)
 
 # Tags
 BEGIN_STRING, BODY_LENGTH, CHECKSUM, MSG_TYPE, MSG_SEQ_NUM = 8, 9, 10, 35, 34
 SENDER, TARGET, SENDING_TIME, POSS_DUP, ORIG_SENDING_TIME = 49, 56, 52, 43, 122
 TEXT, HEARTBT_INT, TEST_REQ_ID, BEGIN_SEQ_NO, END_SEQ_NO = 58, 108, 112, 7, 16
 NEW_SEQ_NO, GAP_FILL, REF_SEQ_NUM, REF_MSG_TYPE, SESSION_REJECT_REASON = 36, 123, 45, 372, 373
+REF_TAG_ID = 371
 RESET_SEQ_NUM, BUSINESS_REJECT_REF_ID, BUSINESS_REJECT_REASON = 141, 379, 380
 CL_ORD_ID, ORIG_CL_ORD_ID, ORDER_ID, EXEC_ID, EXEC_TYPE, ORD_STATUS = 11, 41, 37, 17, 150, 39
 SYMBOL, SIDE, ORDER_QTY, ORD_TYPE, PRICE, TIME_IN_FORCE, TRANSACT_TIME = 55, 54, 38, 40, 44, 59, 60
@@ -87,6 +98,15 @@ SIDE_OF = {"1": wire.Side.BUY, "2": wire.Side.SELL}
 
 class FixFrameError(ValueError):
     """Bytes that are not a FIX message: the connection cannot be trusted to stay in step."""
+
+
+class FixFieldError(ValueError):
+    """A field of an otherwise well-formed message whose value cannot be used as it stands."""
+
+    def __init__(self, tag: int, value: str, problem: str, reason: int = 6) -> None:
+        super().__init__(f"tag {tag} = {value!r}: {problem}")
+        self.tag, self.value, self.problem = tag, value, problem
+        self.reason = reason  # SessionRejectReason: 5 value out of range, 6 incorrect data format
 
 
 @dataclass(slots=True)
@@ -198,6 +218,19 @@ class FixStats:
     resend_requests_sent: int = 0
     duplicates_ignored: int = 0
     logons: int = 0
+    resend_requests_held: int = 0  # gaps seen while a ResendRequest was already being answered
+    cancels_refused: int = 0  # cancels of orders this side does not know, never sent
+    malformed_fields: int = 0  # reports refused for a field that cannot be read (Reject sent)
+
+
+@dataclass(slots=True)
+class _GapRequest:
+    """The ResendRequest being answered: it asked for everything from ``begin`` on (EndSeqNo 0),
+    and it is complete once ``next_in`` passes ``end``, the highest number seen beyond the gap."""
+
+    begin: int
+    end: int
+    progress_at: float  # when it was sent, or when the last message filled part of the gap
 
 
 class _FixProtocol(ClosingProtocol):
@@ -242,6 +275,7 @@ class FixGatewayClient:
         heartbeat_s: int = 30,
         time_in_force: str = "day",
         status_timeout_s: float = 2.0,
+        logon_timeout_s: float = 10.0,
         reset_on_logon: bool = False,
         accept_peer_reset: bool = False,
         mono_ns: Callable[[], int] = time.monotonic_ns,
@@ -256,6 +290,9 @@ class FixGatewayClient:
         self.heartbeat_s = heartbeat_s
         self.tif = TIF[time_in_force]
         self.status_timeout_s = status_timeout_s
+        # A peer that takes the connection but never answers the Logon is dropped and retried,
+        # as a connect that is never answered is (Backoff.connect_timeout_s).
+        self.logon_timeout_s = logon_timeout_s
         self.reset_on_logon = reset_on_logon
         self.accept_peer_reset = accept_peer_reset
         self._mono_ns, self._wall_ns = mono_ns, wall_ns
@@ -277,6 +314,7 @@ class FixGatewayClient:
         self._status_unknown: list[str] = []
         self._status_task: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
+        self._gap_request: _GapRequest | None = None
         self.connected_event = asyncio.Event()
 
     # -- the GatewayClient interface ------------------------------------------------------
@@ -303,17 +341,18 @@ class FixGatewayClient:
         )
 
     def stop(self) -> None:
-        if self._logged_on:
+        if self._logged_on and not self._stopping.is_set():
             self._send(LOGOUT, [(TEXT, "tradingd stopping")])
         self._stopping.set()
 
     def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
-        """Write one message; False when the session is not logged on."""
-        if not self._logged_on:
+        """Write one message; True only when it was written: False when the session is not
+        logged on, is logging out (``stop``), or its connection is closing, and for a cancel of an
+        order this side does not know (refused, counted and logged rather than sent with a guess)."""
+        if not self._logged_on or self._stopping.is_set():
             return False
         match message:
             case wire.NewOrder():
-                _remember(self._orders, message.cl_ord_id, message)
                 seq = self._send(
                     NEW_ORDER_SINGLE,
                     [
@@ -328,23 +367,36 @@ class FixGatewayClient:
                         (TIME_IN_FORCE, self.tif),
                     ],
                 )
-                if seq is not None:
-                    _remember(self._order_seqs, seq, message.cl_ord_id)
+                if seq is None:
+                    return False
+                _remember(self._orders, message.cl_ord_id, message)
+                _remember(self._order_seqs, seq, message.cl_ord_id)
+                return True
             case wire.Cancel():
                 original = self._order(message.orig_cl_ord_id)
+                if original is None:
+                    # OrderCancelRequest needs the order's Side and OrderQty; a guessed Side
+                    # could cancel nothing, or be taken as another order's.
+                    self.stats.cancels_refused += 1
+                    log.error(
+                        "fix_cancel_refused",
+                        id=message.orig_cl_ord_id,
+                        cancel_id=message.cl_ord_id,
+                        detail="unknown order: its Side and OrderQty are not known here",
+                    )
+                    self.on_event("cancel_refused", f"{message.orig_cl_ord_id}: unknown order")
+                    return False
                 fields: list[tuple[int, object]] = [
                     (ORIG_CL_ORD_ID, message.orig_cl_ord_id),
                     (CL_ORD_ID, message.cl_ord_id),
                     (SYMBOL, message.symbol),
-                    (SIDE, SIDES[original.side] if original else "1"),
+                    (SIDE, SIDES[original.side]),
                     (TRANSACT_TIME, _utc(message.ts)),
+                    (ORDER_QTY, original.qty),
                 ]
-                if original is not None:
-                    fields.append((ORDER_QTY, original.qty))
-                self._send(ORDER_CANCEL_REQUEST, fields)
+                return self._send(ORDER_CANCEL_REQUEST, fields) is not None
             case wire.StatusRequest():
-                self._request_status(message.cl_ord_ids)
-        return True
+                return self._request_status(message.cl_ord_ids)
 
     def _now(self) -> float:
         return self._mono_ns() / 1e9
@@ -367,11 +419,19 @@ class FixGatewayClient:
         if self.reset_on_logon:
             fields.append((RESET_SEQ_NUM, "Y"))
         self._send(LOGON, fields)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._logon_deadline()))
+
+    async def _logon_deadline(self) -> None:
+        await asyncio.sleep(self.logon_timeout_s)
+        if not self._logged_on:
+            self.on_event("logon_timeout", f"{self.host}:{self.port}: no Logon within {self.logon_timeout_s:g} s")
+            self._drop(f"no Logon answer within {self.logon_timeout_s:g} s")
 
     def _detach(self) -> None:
         was = self._logged_on
         self._transport = None
         self._logged_on = False
+        self._gap_request = None  # the next logon finds any gap again
         self.connected_event.clear()
         for task in self._tasks:
             task.cancel()
@@ -495,12 +555,37 @@ class FixGatewayClient:
             return
         self.store.next_in = seq + 1
         self.store.save()
+        self._gap_progress()
         self._dispatch(m, msg_type, seq)
 
     def _gap(self, expected: int, got: int) -> None:
+        # One open-ended request covers the whole gap and whatever follows it, so the messages
+        # that arrive before its answer (each one beyond the gap too) ask for nothing more. It is
+        # asked again only once answered (a later gap), or when its answer has stalled for a
+        # heartbeat interval (a resent message lost, a peer that dropped the request).
+        now = self._now()
+        resend = self._gap_request
+        if resend is not None and now - resend.progress_at < self.heartbeat_s:
+            resend.end = max(resend.end, got)
+            self.stats.resend_requests_held += 1
+            return
+        end = got if resend is None else max(resend.end, got)
+        stalled = resend is not None
+        if self._send(RESEND_REQUEST, [(BEGIN_SEQ_NO, expected), (END_SEQ_NO, 0)]) is None:
+            return
+        self._gap_request = _GapRequest(expected, end, now)
         self.stats.resend_requests_sent += 1
-        log.warning("fix_gap", expected=expected, received=got, action="ResendRequest")
-        self._send(RESEND_REQUEST, [(BEGIN_SEQ_NO, expected), (END_SEQ_NO, 0)])
+        log.warning("fix_gap", expected=expected, received=got, action="ResendRequest", again_after_stall=stalled)
+
+    def _gap_progress(self) -> None:
+        resend = self._gap_request
+        if resend is None:
+            return
+        if self.store.next_in > resend.end:
+            self._gap_request = None
+            log.info("fix_resend_complete", begin=resend.begin, end=resend.end, next_in=self.store.next_in)
+        else:
+            resend.progress_at = self._now()
 
     def _sequence_reset(self, m: simplefix.FixMessage) -> None:
         new = text(m, NEW_SEQ_NO)
@@ -513,6 +598,7 @@ class FixGatewayClient:
         log.info("fix_sequence_reset", gap_fill=text(m, GAP_FILL) == "Y", from_=self.store.next_in, to=int(new))
         self.store.next_in = int(new)
         self.store.save()
+        self._gap_progress()
 
     def _on_logon(self, m: simplefix.FixMessage, seq: int) -> None:
         if text(m, RESET_SEQ_NUM) == "Y" or (self.accept_peer_reset and seq == 1 and self.store.next_in != 1):
@@ -615,14 +701,30 @@ class FixGatewayClient:
     # -- application ----------------------------------------------------------------------
 
     def _execution_report(self, m: simplefix.FixMessage) -> None:
+        try:
+            self._apply_execution_report(m)
+        except FixFieldError as exc:
+            self._malformed(m, exc)
+
+    def _malformed(self, m: simplefix.FixMessage, exc: FixFieldError) -> None:
+        """A message whose field cannot be used: rejected (its number is consumed), counted,
+        logged, and left unapplied; the order's state comes back through reconciliation."""
+        self.stats.malformed_fields += 1
+        msg_type, seq = text(m, MSG_TYPE), int(text(m, MSG_SEQ_NUM) or 0)
+        log.error("fix_field_refused", msg_type=msg_type, seq=seq, tag=exc.tag, value=exc.value[:40], why=exc.problem)
+        self.on_event("malformed", f"MsgSeqNum {seq} ({msg_type}): {exc}")
+        self.stats.rejects_sent += 1
+        fields: list[tuple[int, object]] = [(REF_SEQ_NUM, seq), (REF_TAG_ID, exc.tag), (REF_MSG_TYPE, msg_type)]
+        fields += [(SESSION_REJECT_REASON, exc.reason), (TEXT, f"tag {exc.tag}: {exc.problem}")]
+        self._send(REJECT, fields)
+
+    def _apply_execution_report(self, m: simplefix.FixMessage) -> None:
         exec_id = text(m, EXEC_ID)
         # A resent report (PossDupFlag) whose ExecID this session has seen is not applied twice.
         # ExecIDs are unique within the peer's session only (a restarted peer starts again).
         if exec_id and text(m, POSS_DUP) == "Y" and exec_id in self._exec_ids:
             self.stats.duplicates_ignored += 1
             return
-        if exec_id:
-            _remember(self._exec_ids, exec_id, None)
         exec_type = text(m, EXEC_TYPE)
         ord_status = text(m, ORD_STATUS)
         cl_ord_id = text(m, CL_ORD_ID)
@@ -635,23 +737,33 @@ class FixGatewayClient:
         if status is None:
             log.warning("fix_exec_report_ignored", id=cl_ord_id, ord_status=ord_status, exec_type=exec_type)
             return
-        original = self._order(cl_ord_id)
-        side = SIDE_OF.get(text(m, SIDE)) or (original.side if original else wire.Side.BUY)
-        self.on_report(
-            wire.ExecReport(
-                cl_ord_id=cl_ord_id,
-                exec_id=exec_id,
-                status=status,
-                symbol=text(m, SYMBOL),
-                side=side,
-                last_qty=int(float(text(m, LAST_QTY) or 0)),
-                last_px=float(text(m, LAST_PX) or 0.0),
-                cum_qty=int(float(text(m, CUM_QTY) or 0)),
-                leaves_qty=int(float(text(m, LEAVES_QTY) or 0)),
-                ts=self._wall_ns(),
-                text=text(m, TEXT),
-            )
+        report = wire.ExecReport(
+            cl_ord_id=cl_ord_id,
+            exec_id=exec_id,
+            status=status,
+            symbol=text(m, SYMBOL),
+            side=self._side(m, cl_ord_id),
+            last_qty=_qty(m, LAST_QTY),
+            last_px=_px(m, LAST_PX),
+            cum_qty=_qty(m, CUM_QTY),
+            leaves_qty=_qty(m, LEAVES_QTY),
+            ts=self._wall_ns(),
+            text=text(m, TEXT),
         )
+        # Remembered only once applied: a refused report, resent with the field fixed, counts.
+        if exec_id:
+            _remember(self._exec_ids, exec_id, None)
+        self.on_report(report)
+
+    def _side(self, m: simplefix.FixMessage, cl_ord_id: str) -> wire.Side:
+        """The report's Side, else the order's as sent; never a guess."""
+        side = SIDE_OF.get(text(m, SIDE))
+        if side is not None:
+            return side
+        original = self._order(cl_ord_id)
+        if original is None:
+            raise FixFieldError(SIDE, text(m, SIDE), "missing or not buy/sell, and the order is unknown here", 5)
+        return original.side
 
     def _session_reject(self, m: simplefix.FixMessage) -> None:
         self.stats.rejects_received += 1
@@ -704,21 +816,25 @@ class FixGatewayClient:
 
     # -- reconciliation -------------------------------------------------------------------
 
-    def _request_status(self, cl_ord_ids: list[str]) -> None:
+    def _request_status(self, cl_ord_ids: list[str]) -> bool:
         self._status_wanted = set(cl_ord_ids)
         self._status_orders, self._status_unknown = [], []
         if not cl_ord_ids:
             self._finish_status("no open orders")
-            return
+            return True
         for cl_ord_id in cl_ord_ids:
             known = self._order(cl_ord_id)
             fields: list[tuple[int, object]] = [(CL_ORD_ID, cl_ord_id)]
             if known is not None:
                 fields += [(SYMBOL, known.symbol), (SIDE, SIDES[known.side])]
-            self._send(ORDER_STATUS_REQUEST, fields)
+            if self._send(ORDER_STATUS_REQUEST, fields) is None:
+                # The connection is going: the next logon asks again, from the start.
+                self._status_wanted = set()
+                return False
         if self._status_task is not None:
             self._status_task.cancel()
         self._status_task = asyncio.get_running_loop().create_task(self._status_deadline())
+        return True
 
     async def _status_deadline(self) -> None:
         await asyncio.sleep(self.status_timeout_s)
@@ -727,23 +843,25 @@ class FixGatewayClient:
     def _status_answer(self, m: simplefix.FixMessage, cl_ord_id: str, status: wire.ExecStatus | None) -> None:
         if cl_ord_id not in self._status_wanted:
             return
-        self._status_wanted.discard(cl_ord_id)
         if status is wire.ExecStatus.REJECTED and "unknown" in text(m, TEXT).lower():
             self._status_unknown.append(cl_ord_id)
         elif status is not None:
+            # A field that cannot be read leaves this order unanswered (raised before it is
+            # counted as answered): the journal's state stands for it.
             original = self._order(cl_ord_id)
             self._status_orders.append(
                 wire.OrderStatus(
                     cl_ord_id=cl_ord_id,
                     symbol=text(m, SYMBOL),
-                    side=SIDE_OF.get(text(m, SIDE), original.side if original else wire.Side.BUY),
-                    qty=int(float(text(m, ORDER_QTY) or (original.qty if original else 0))),
-                    price=float(text(m, PRICE) or (original.price if original else 0.0)),
+                    side=self._side(m, cl_ord_id),
+                    qty=_qty(m, ORDER_QTY) if text(m, ORDER_QTY) or original is None else original.qty,
+                    price=_px(m, PRICE) if text(m, PRICE) or original is None else original.price,
                     status=status,
-                    cum_qty=int(float(text(m, CUM_QTY) or 0)),
-                    avg_px=float(text(m, AVG_PX) or 0.0),
+                    cum_qty=_qty(m, CUM_QTY),
+                    avg_px=_px(m, AVG_PX),
                 )
             )
+        self._status_wanted.discard(cl_ord_id)
         if not self._status_wanted:
             self._finish_status("all open orders answered")
 
@@ -761,6 +879,30 @@ def _remember(table: OrderedDict[K, V], key: K, value: V) -> None:
     table[key] = value
     if len(table) > RECENT:
         table.popitem(last=False)
+
+
+def _qty(m: simplefix.FixMessage, tag: int) -> int:
+    """A quantity field as a whole number of shares (0 when absent), read exactly."""
+    raw = text(m, tag)
+    if not raw:
+        return 0
+    match = QTY.fullmatch(raw)
+    if match is None:
+        raise FixFieldError(tag, raw, "not a whole quantity")
+    qty = int(match[1])
+    if qty > MAX_QTY:
+        raise FixFieldError(tag, raw, f"more than {MAX_QTY} shares", 5)
+    return qty
+
+
+def _px(m: simplefix.FixMessage, tag: int) -> float:
+    """A price field in plain decimal notation (0.0 when absent)."""
+    raw = text(m, tag)
+    if not raw:
+        return 0.0
+    if PX.fullmatch(raw) is None:
+        raise FixFieldError(tag, raw, "not a price in decimal notation")
+    return float(raw)
 
 
 def _utc(ns: int) -> str:

@@ -91,10 +91,13 @@ class Journal:
         return self._size + len(self._pending)
 
     def close(self) -> None:
+        if self._fd < 0:
+            return  # closed already
         try:
             self.sync()
         finally:
             os.close(self._fd)
+            self._fd = -1
 
 
 def read_journal(path: Path) -> Iterator[dict[str, Any]]:
@@ -109,7 +112,7 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
 
 def decode_record(obj: object, path: Path, index: int) -> Record:
     try:
-        record: Record = msgspec.convert(obj, Record)  # type: ignore[arg-type]
+        record: Record = msgspec.convert(obj, Record)
     except msgspec.ValidationError as exc:
         raise JournalError(str(path), f"record {index}", exc) from exc
     return record

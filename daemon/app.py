@@ -27,45 +27,19 @@ from broker.journal import Journal, recover_journal
 from broker.reconnect import Backoff
 from daemon.admin import AdminServer
 from daemon.clock import Clock, SystemClock
-from daemon.config import Config, EngineConfig
+from daemon.config import Config
 from daemon.engineset import EngineSet, FailoverEvent
 from daemon.errors import ConfigError
 from daemon.feed.ingest import FeedConnector
 from daemon.metrics import StatsCollector
+from daemon.preflight import check_paths, load_engines
 from daemon.runtime import Runtime
 from daemon.sdnotify import Notifier
 from daemon.stats import SignalAccuracy, Stats
-from engines.base import Engine, EngineSpec
-from engines.chooser import build_engine, resolve_model
-from engines.errors import BackendUnavailableError, PlanError
 from engines.gpu_health import GpuMonitor
-from engines.inject import FaultInjectingEngine, Injection
-from risk.failover import FailoverPolicy, FailoverReason
+from risk.failover import FailoverReason
 
 log = structlog.get_logger("tradingd.app")
-
-
-def engine_spec(name: str, cfg: EngineConfig) -> EngineSpec:
-    return EngineSpec(
-        name=name,
-        backend=cfg.backend,
-        model=resolve_model(cfg.model, cfg.backend),
-        batch_buckets=cfg.batch_buckets,
-        intra_op_threads=cfg.intra_op_threads,
-        inter_op_threads=cfg.inter_op_threads,
-        graph_optimization=cfg.graph_optimization,
-        allow_spinning=cfg.allow_spinning,
-        expect_sha256=cfg.sha256,
-    )
-
-
-def build_configured(name: str, cfg: EngineConfig) -> Engine:
-    engine = build_engine(engine_spec(name, cfg))
-    if cfg.inject is not None:
-        i = cfg.inject
-        engine = FaultInjectingEngine(engine, Injection(i.kind, i.after_batches, i.batches, i.latency_ms))
-        log.warning("engine_fault_injection", engine=name, kind=i.kind, after_batches=i.after_batches)
-    return engine
 
 
 SUPERVISE_S = 0.5
@@ -258,6 +232,7 @@ class Daemon:
         assert runtime is not None
         bound_ns = int(self.config.process.stall_s * 1e9)
         interval = self.notifier.watchdog_s
+        tick = min(SUPERVISE_S, interval) if interval is not None else SUPERVISE_S
         last_ping = 0.0
         loop = asyncio.get_running_loop()
         while not self._stop.is_set():
@@ -270,7 +245,7 @@ class Daemon:
                 self.notifier.watchdog()
                 last_ping = loop.time()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=SUPERVISE_S)
+                await asyncio.wait_for(self._stop.wait(), timeout=tick)
 
     def publish(self) -> None:
         """The loop-owned state as one immutable snapshot, swapped in whole: the metrics thread
@@ -336,34 +311,10 @@ class Daemon:
         self._stop.set()
 
     def _load_engines(self) -> EngineSet:
-        """Primary and standby; a primary that cannot run here leaves the standby serving."""
-        cfg = self.config
-        primary: Engine | None = None
-        primary_error: str | None = None
-        try:
-            primary = build_configured("primary", cfg.engine.primary)
-        except (BackendUnavailableError, PlanError) as exc:
-            if cfg.engine.standby is None:
-                raise
-            primary_error = str(exc)
-            log.error("primary_engine_unavailable", backend=cfg.engine.primary.backend, error=primary_error)
-        standby = build_configured("standby", cfg.engine.standby) if cfg.engine.standby is not None else None
-        if primary is not None and standby is not None:
-            for field in ("window", "feature_names"):
-                if getattr(standby.manifest, field) != getattr(primary.manifest, field):
-                    raise ConfigError(self.config_file, "engine.standby.model", f"{field} differs from the primary's")
-        first = primary or standby
-        assert first is not None
-        fo = cfg.engine.failover
-        budget_us = fo.budget_us or first.manifest.budget_us
-        policy = FailoverPolicy(budget_us * 1000, fo.misses, fo.window)
-        engines = EngineSet(primary, standby, policy, self.clock.mono_ns, primary_error=primary_error)
-        if cfg.batch.max_batch > engines.max_rows:
-            raise ConfigError(
-                self.config_file,
-                "batch.max_batch",
-                f"{cfg.batch.max_batch} exceeds the engines' largest batch bucket {engines.max_rows}",
-            )
+        """Primary and standby, as ``tradingd check`` loads them; a primary that cannot run here
+        leaves the standby serving."""
+        check_paths(self.config, self.config_file)
+        engines = load_engines(self.config, self.config_file, self.clock.mono_ns)
         self._start_gpu_monitor(engines)
         return engines
 

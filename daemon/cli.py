@@ -16,9 +16,9 @@ import orjson
 import structlog
 import uvloop
 
-from daemon.errors import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError
 from broker.crashpoints import CRASH, CrashPointError
 from broker.errors import JournalError
+from daemon.errors import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError
 from daemon.logs import configure_logging
 from engines.errors import BackendUnavailableError, EngineError, ManifestError, ModelMismatchError
 

@@ -132,7 +132,7 @@ class SymbolRiskConfig(_Section, frozen=True):
 class HaltConfig(_Section, frozen=True):
     move_pct: Percent = 5.0
     benchmark: Symbol | None = None
-    market_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    market_share: Annotated[float, msgspec.Meta(gt=0, le=100)] = 0.5  # over 1: never by share
     cooloff_s: Seconds | None = None
     cancel_open_orders: bool = True
 

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import orjson
 
 from broker.orders import FINAL
+from broker.sim import read_orders
 from daemon.app import Daemon
 from daemon.config import (
     AdminConfig,
@@ -221,7 +222,7 @@ def _summary(
     rejected = dict(sorted(s.bars_rejected.items()))
     denied = dict(sorted(s.orders_denied.items()))
     # The simulator logs what it received; a FIX acceptor's word is its acknowledgements.
-    broker_received = None if broker_log is None else sum(1 for _ in broker_log.open()) if broker_log.exists() else 0
+    broker_received = None if broker_log is None else len(read_orders(broker_log)) if broker_log.exists() else 0
     open_orders = len(runtime.book.working)
     return {
         "bars": {

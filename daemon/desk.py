@@ -53,7 +53,7 @@ class OrderDesk:
         self.clock = clock
         self.journal = journal
         self.stats = stats
-        self.policy = SignalPolicy(config.signal)
+        self.policy = SignalPolicy.from_config(config)
         self.risk = RiskEngine(config, windows, clock)
         self.orders = OrderManager(
             clock, journal, stats, on_inconsistent=self._inconsistent, on_sent=self.risk.remember_send
@@ -103,7 +103,8 @@ class OrderDesk:
         """Rebuild orders, positions, parked orders, halts and the kill switch from the journal."""
         book, orders, risk = self.book, self.orders, self.risk
         for r in records:
-            order = book.orders.get(r.id) if isinstance(getattr(r, "id", None), str) else None  # type: ignore[attr-defined]
+            oid = getattr(r, "id", None)
+            order = book.orders.get(oid) if isinstance(oid, str) else None
             match r:
                 case rec.Start():
                     orders.session = max(orders.session, r.session + 1)
@@ -183,7 +184,7 @@ class OrderDesk:
             reference=event.reference,
             uid=uid,
         )
-        self.journal.append(record)  # type: ignore[arg-type]
+        self.journal.append(record)
         self.journal.sync()
         self.halt_log.append(event)
         if event.action == "halt":
@@ -377,9 +378,7 @@ class OrderDesk:
 
     def reject(self, order_id: str, uid: int, reason: str) -> None:
         parked = self.reviews.take(order_id)
-        self.journal.append(
-            rec.Review(ts=self.clock.wall_ns(), id=order_id, action="rejected", uid=uid, reason=reason)
-        )
+        self.journal.append(rec.Review(ts=self.clock.wall_ns(), id=order_id, action="rejected", uid=uid, reason=reason))
         self.journal.sync()
         self.book.deny(self.book.orders[parked.id])
         self.stats.reviews_rejected += 1

@@ -139,7 +139,9 @@ class EngineSet:
                 raise
             raise RerunFailedError(event, exc) from exc
 
-    def _judge(self, engine: Engine, elapsed_ns: int, *, raised: str | None = None, finite: bool = True) -> FailoverEvent | None:
+    def _judge(
+        self, engine: Engine, elapsed_ns: int, *, raised: str | None = None, finite: bool = True
+    ) -> FailoverEvent | None:
         """The policy's verdict on one primary batch and, on a fault, the switch: both under the
         lock the loop's switches take, so an operator's failover and this one cannot interleave."""
         with self._lock:

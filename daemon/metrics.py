@@ -126,6 +126,20 @@ class StatsCollector(Collector):
         )
         yield CounterMetricFamily("tradingd_fills", "Execution reports with a fill", value=s.fills)
         yield _counter(
+            "tradingd_exec_reports_refused",
+            "Execution reports not applied: repeats and late words (ignored), contradictions (inconsistent)",
+            "kind",
+            {"ignored": sum(s.reports_ignored.values()), "inconsistent": sum(s.reports_inconsistent.values())},
+        )
+        yield CounterMetricFamily(
+            "tradingd_feed_internal_errors",
+            "Feed messages whose handling raised (counted as rejected bars; the daemon fail-stops on them)",
+            value=s.feed_internal_errors,
+        )
+        yield CounterMetricFamily(
+            "tradingd_sends_failed", "Orders the gateway could not write (closed as never sent)", value=s.sends_failed
+        )
+        yield _counter(
             "tradingd_reviews",
             "Orders through manual review, by action",
             "action",

@@ -95,9 +95,7 @@ class OrderManager:
         if order.state in (OrderState.INTENT, OrderState.PARKED):
             self.book.deny(order)
         elif order.state not in FINAL:
-            self.book.apply(
-                synthetic_report(order, wire.ExecStatus.REJECTED, order.filled_qty, 0.0, detail, "")
-            )
+            self.book.apply(synthetic_report(order, wire.ExecStatus.REJECTED, order.filled_qty, 0.0, detail, ""))
 
     # -- new orders -----------------------------------------------------------------------
 
@@ -158,7 +156,9 @@ class OrderManager:
         for k, (order, fields) in enumerate(outbox):
             if CRASH.armed and k == 1:
                 CRASH.reached("batch_partly_sent")
-            message = wire.NewOrder(order.cl_ord_id, order.symbol, order.side, order.qty, order.price, self.clock.wall_ns())
+            message = wire.NewOrder(
+                order.cl_ord_id, order.symbol, order.side, order.qty, order.price, self.clock.wall_ns()
+            )
             written = gateway is not None and gateway.send(message)
             if CRASH.armed and written:
                 CRASH.reached("sent_not_marked")
@@ -320,7 +320,9 @@ class OrderManager:
                 exec_id = f"reconcile:{self.session}:{s.status}:{s.cum_qty}"
                 report = synthetic_report(order, s.status, s.cum_qty, s.avg_px, "reconciled", exec_id)
                 refusal = self._apply_report(report, wall)
-                what = f"not applied: {refusal.detail}" if refusal is not None else f"{max(missing, 0)} filled while away"
+                what = (
+                    f"not applied: {refusal.detail}" if refusal is not None else f"{max(missing, 0)} filled while away"
+                )
                 differences.append(f"{s.cl_ord_id}: {s.status} at the broker, {what}")
         for cl_ord_id in status.unknown:
             order = self.book.orders.get(cl_ord_id)

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from broker.protocol import Side
-from daemon.config import SignalConfig
+from daemon.config import Config, SignalConfig
 
 SELL, HOLD, BUY = 0, 1, 2
 CLASS_NAMES = ("sell", "hold", "buy")
@@ -53,6 +53,16 @@ class SignalPolicy:
         lot = config.lot_size
         self._max_target = min(max_position, MAX_QTY) // lot * lot
         self._max_order = min(max_order_qty, MAX_QTY) // lot * lot
+
+    @classmethod
+    def from_config(cls, config: Config) -> SignalPolicy:
+        """The policy of ``[signal]``, sizing within the largest order and position ``[risk]``
+        allows any symbol (the gates then hold each symbol to its own limits)."""
+        risk = config.risk
+        overrides = risk.symbols.values()
+        max_order_qty = max([risk.max_order_qty, *(o.max_order_qty for o in overrides if o.max_order_qty)])
+        max_position = max([risk.max_position, *(o.max_position for o in overrides if o.max_position)])
+        return cls(config.signal, max_order_qty=max_order_qty, max_position=max_position)
 
     def target_position(self, cls: int, price: float, current: int) -> int:
         """Buy: long one signal's notional; sell: short it (or flat); hold: keep what is there.

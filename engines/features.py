@@ -96,7 +96,7 @@ def feature_array(names: tuple[str, ...], ohlcv: npt.NDArray[np.float64]) -> Flo
     """
     o, h, lo, c, v = (ohlcv[:, i] for i in range(5))
     pc = np.concatenate(([0.0], c[:-1]))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):  # as the scalar form: inf or nan where a log is undefined
         cols = {
             "log_return": np.where(pc > 0.0, np.log(c / np.where(pc > 0.0, pc, 1.0)), 0.0),
             "log_range": np.log(h / lo),

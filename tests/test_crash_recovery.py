@@ -11,7 +11,6 @@ and no parked order or halt was forgotten across a restart.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import signal

@@ -129,15 +129,18 @@ async def test_future_timestamp_when_fed_is_rejected_and_the_symbol_keeps_tradin
             bar(seq + 1, "AAA", WINDOW, ts=2**64 - 1),
             bar(seq + 2, "BBB", WINDOW, ts=2**63 - 1),
             bar(seq + 3, "CCC", WINDOW, ts=T0 + 10 * 365 * 24 * 60 * NS_PER_MIN),
+            # Still in the wall clock's past, but eleven days past the feed's minute.
+            bar(seq + 4, "AAA", WINDOW, ts=T0 + 11 * 24 * 60 * NS_PER_MIN),
         ]
         rig.writer.write(pack(*far))
         await rig.writer.drain()
         s = rig.daemon.stats
-        await wait_for(lambda: s.bars_received == 3 * WINDOW + 3, what="the future bars")
+        await wait_for(lambda: s.bars_received == 3 * WINDOW + 4, what="the future bars")
         assert s.bars_rejected[RejectReason.TS_OUT_OF_RANGE] == 1
         assert s.bars_rejected[RejectReason.FUTURE_TS] == 2
+        assert s.bars_rejected[RejectReason.AHEAD_OF_FEED] == 1
         accepted = s.bars_accepted
-        await _assert_next_minutes_trade(rig, WINDOW, seq + 3, WINDOW)
+        await _assert_next_minutes_trade(rig, WINDOW, seq + 4, WINDOW)
         assert s.bars_accepted == accepted + 8 * 3, "every later bar of every symbol is accepted"
         assert RejectReason.OUT_OF_ORDER not in s.bars_rejected
         runtime = rig.daemon.runtime

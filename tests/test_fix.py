@@ -89,9 +89,10 @@ def test_framer_refuses_what_is_not_fix_naming_why(data: bytes, problem: str) ->
 class ScriptedAcceptor:
     """A FIX acceptor on 127.0.0.1 that answers Logon and otherwise sends what the test says."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer_logon: bool = True) -> None:
         self.received: list[simplefix.FixMessage] = []
         self.writers: list[asyncio.StreamWriter] = []
+        self.answer_logon = answer_logon
         self.logons = 0
         self.next_seq = 1
         self._server: asyncio.Server | None = None
@@ -107,7 +108,8 @@ class ScriptedAcceptor:
                         self.received.append(m)
                         if text(m, 35) == "A":
                             self.logons += 1
-                            self.send(fix("A", self.next_seq, (98, 0), (108, 1)))
+                            if self.answer_logon:
+                                self.send(fix("A", self.next_seq, (98, 0), (108, 1)))
 
         self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
         return int(self._server.sockets[0].getsockname()[1])
@@ -418,3 +420,134 @@ async def test_after_a_restart_a_status_request_names_the_journals_order_in_full
         await wait_for(lambda: bool(acceptor.of_type("H")), what="OrderStatusRequest")
         (request,) = acceptor.of_type("H")
         assert (text(request, 11), text(request, 55), text(request, 54)) == ("OLD-1", "BBB", "2")
+
+
+# -- resend requests, cancels of unknown orders, fields that cannot be read, send's answer ---------
+
+
+async def test_gap_when_more_messages_arrive_before_its_answer_sends_one_resend_request(tmp_path: Path) -> None:
+    async with session(tmp_path) as (acceptor, client, _):
+        for seq in (4, 5, 6):  # 2 and 3 were lost: each of these is beyond the gap
+            acceptor.send(fix("0", seq))
+        await wait_for(lambda: client.stats.received == 4, what="the three heartbeats")  # and the Logon
+        # An order after them is a barrier: whatever the client wrote before it has arrived.
+        assert client.send(wire.NewOrder("G-1", "AAA", wire.Side.BUY, 1, 1.0, 0))
+        await wait_for(lambda: bool(acceptor.of_type("D")), what="the barrier order")
+        (resend,) = acceptor.of_type("2")
+        assert (text(resend, 7), text(resend, 16)) == ("2", "0")
+        acceptor.send(fix("4", 2, (123, "Y"), (36, 7), poss_dup=True))  # the answer: 2-6 filled
+        await wait_for(lambda: client.store.next_in == 7, what="the gap filled")
+        acceptor.send(fix("0", 7))
+        acceptor.send(fix("0", 9))  # a new gap once the first was answered is asked for again
+        await wait_for(lambda: len(acceptor.of_type("2")) == 2, what="the second ResendRequest")
+        assert text(acceptor.of_type("2")[1], 7) == "8" and client.stats.resend_requests_held == 2
+
+
+async def test_gap_when_its_answer_stalls_for_a_heartbeat_interval_is_asked_for_again(tmp_path: Path) -> None:
+    async with session(tmp_path, heartbeat_s=1) as (acceptor, client, _):
+        acceptor.send(fix("0", 3))
+        await wait_for(lambda: len(acceptor.of_type("2")) == 1, what="the ResendRequest")
+        await asyncio.sleep(1.1)  # no answer comes
+        acceptor.send(fix("0", 4))
+        await wait_for(lambda: len(acceptor.of_type("2")) == 2, what="the request again")
+        assert [text(m, 7) for m in acceptor.of_type("2")] == ["2", "2"] and client.connected
+
+
+async def test_cancel_when_the_order_is_unknown_is_refused_and_counted_never_sent_with_a_guessed_side(
+    tmp_path: Path,
+) -> None:
+    async with session(tmp_path) as (acceptor, client, seen):
+        assert client.send(wire.Cancel("C-9", "GONE-1", "AAA", 0)) is False
+        assert client.stats.cancels_refused == 1 and ("cancel_refused", "GONE-1: unknown order") in seen.events
+        # A known order's cancel carries the order's own Side and OrderQty.
+        assert client.send(wire.NewOrder("K-1", "AAA", wire.Side.SELL, 7, 12.5, 0))
+        assert client.send(wire.Cancel("C-1", "K-1", "AAA", 0))
+        await wait_for(lambda: bool(acceptor.of_type("F")), what="the known order's cancel")
+        (cancel,) = acceptor.of_type("F")
+        assert (text(cancel, 41), text(cancel, 11), text(cancel, 54), text(cancel, 38)) == ("K-1", "C-1", "2", "7")
+
+
+def _fill(seq: int, **override: object) -> bytes:
+    """A fill of 10 of order X-1, with fields replaced (by tag, ``t32=...``) or left out (None)."""
+    fields: dict[int, object] = {37: "O1", 17: f"E{seq}", 150: "F", 39: "2", 11: "X-1", 55: "AAA", 54: "1"}
+    fields |= {32: 10, 31: 1.5, 14: 10, 151: 0}
+    for key, value in override.items():
+        fields[int(key[1:])] = value
+    return fix("8", seq, *((tag, value) for tag, value in fields.items() if value is not None))
+
+
+@pytest.mark.parametrize(
+    ("override", "tag", "reason"),
+    [
+        ({"t32": "10.5"}, 32, "6"),  # a fraction of a share is not truncated to 10
+        ({"t32": "1e3"}, 32, "6"),
+        ({"t14": "-5"}, 14, "6"),
+        ({"t151": "\u0663"}, 151, "6"),  # an Arabic-Indic three: int() would read it
+        ({"t32": "99999999999"}, 32, "5"),  # more shares than any order could hold
+        ({"t31": "nan"}, 31, "6"),
+        ({"t31": "1e2"}, 31, "6"),
+        ({"t54": None}, 54, "5"),  # no Side, and the order is not known here to say which
+    ],
+)
+async def test_execution_report_when_a_field_cannot_be_read_is_rejected_and_counted_never_applied(
+    tmp_path: Path, override: dict[str, object], tag: int, reason: str
+) -> None:
+    async with session(tmp_path) as (acceptor, client, seen):
+        acceptor.send(_fill(2, **override))
+        await wait_for(lambda: bool(acceptor.of_type("3")), what="the session Reject")
+        (reject,) = acceptor.of_type("3")
+        refers_to = (text(reject, 45), text(reject, 371), text(reject, 372))  # MsgSeqNum, tag, MsgType
+        assert refers_to == ("2", str(tag), "8") and text(reject, 373) == reason
+        assert seen.reports == [] and client.stats.malformed_fields == 1
+        assert any(kind == "malformed" and f"tag {tag}" in detail for kind, detail in seen.events)
+        # The session goes on: the number was consumed, and the same report resent whole applies.
+        assert client.connected and client.store.next_in == 3
+        acceptor.send(_fill(3, t17="E2"))
+        await wait_for(lambda: len(seen.reports) == 1, what="the good report")
+        assert (seen.reports[0].last_qty, seen.reports[0].cum_qty) == (10, 10)
+
+
+async def test_execution_report_when_quantities_are_whole_in_float_form_reads_them_exactly(tmp_path: Path) -> None:
+    async with session(tmp_path) as (acceptor, _, seen):
+        acceptor.send(_fill(2, t32="25.00", t14="25", t151="0.0", t31="12.125"))
+        await wait_for(lambda: bool(seen.reports), what="the report")
+        (report,) = seen.reports
+        assert (report.last_qty, report.cum_qty, report.leaves_qty, report.last_px) == (25, 25, 0, 12.125)
+        assert acceptor.of_type("3") == []
+
+
+async def test_send_when_the_session_is_logging_out_returns_false_and_writes_nothing(tmp_path: Path) -> None:
+    async with session(tmp_path) as (acceptor, client, _):
+        client.stop()
+        assert client.send(wire.NewOrder("L-1", "AAA", wire.Side.BUY, 1, 1.0, 0)) is False
+        assert client.send(wire.StatusRequest(["L-1"], 0)) is False
+        await wait_for(lambda: bool(acceptor.of_type("5")), what="the Logout")
+        await asyncio.sleep(0.1)
+        assert acceptor.of_type("D") == [] and acceptor.of_type("H") == [] and len(acceptor.of_type("5")) == 1
+
+
+async def test_logon_when_the_peer_never_answers_it_drops_the_connection_and_tries_again(tmp_path: Path) -> None:
+    acceptor, seen = ScriptedAcceptor(answer_logon=False), Seen()
+    port = await acceptor.start()
+    client = FixGatewayClient(
+        "127.0.0.1",
+        port,
+        protocol="fix44",
+        sender_comp_id="TRADINGD",
+        target_comp_id="EXECUTOR",
+        store=tmp_path / "fix.seq",
+        on_report=seen.reports.append,
+        on_event=lambda k, d: seen.events.append((k, d)),
+        backoff=Backoff(0.02, 0.05),
+        logon_timeout_s=0.2,
+    )
+    task = asyncio.create_task(client.run())
+    try:
+        await wait_for(lambda: acceptor.logons >= 2, timeout=5, what="a second Logon on a new connection")
+        kinds = [k for k, _ in seen.events]
+        assert "logon_timeout" in kinds and "disconnected" in kinds and not client.connected
+        assert len(acceptor.writers) >= 2
+    finally:
+        client.stop()
+        await asyncio.wait_for(task, 2)
+        await acceptor.close()

@@ -158,7 +158,9 @@ async def test_a_hostile_broker_never_moves_positions_away_from_the_fills_that_h
         broker, desk, stats = rig.broker, rig.daemon.runtime.desk, rig.daemon.stats
         assert broker is not None
         await wait_for(
-            lambda: stats.minute_ends == WINDOW + 6 and rig.daemon.runtime.idle_event.is_set() and not desk.book.working,
+            lambda: (
+                stats.minute_ends == WINDOW + 6 and rig.daemon.runtime.idle_event.is_set() and not desk.book.working
+            ),
             what="every order final",
         )
         assert broker.received and broker.hostile > 0
@@ -181,7 +183,9 @@ def test_restore_when_a_duplicate_report_was_journaled_rebuilds_the_same_positio
     manager, journal = _manager(tmp_path, gateway)
     (order,) = _queue(manager, 1)
     manager.commit()
-    fill = wire.ExecReport(order.cl_ord_id, "X1", wire.ExecStatus.PARTIALLY_FILLED, "AAA", order.side, 4, 100.0, 4, 6, 0)
+    fill = wire.ExecReport(
+        order.cl_ord_id, "X1", wire.ExecStatus.PARTIALLY_FILLED, "AAA", order.side, 4, 100.0, 4, 6, 0
+    )
     manager.on_report(fill)
     manager.on_report(fill)
     journal.close()
@@ -212,7 +216,9 @@ def load_manifest_for_tests():  # type: ignore[no-untyped-def]
 
 def _risk(tmp_path: Path) -> tuple[RiskEngine, OrderManager]:
     manifest = load_manifest_for_tests()
-    config = Config(universe=UniverseConfig(symbols=SYMBOLS), risk=RiskConfig(clock="feed", max_gross_exposure=1_000_000.0))
+    config = Config(
+        universe=UniverseConfig(symbols=SYMBOLS), risk=RiskConfig(clock="feed", max_gross_exposure=1_000_000.0)
+    )
     windows = FeatureWindows(SYMBOLS, manifest.window, manifest.features)
     manager = OrderManager(FakeClock(), Journal(tmp_path / "j.msgpack", "none"), Stats())
     return RiskEngine(config, windows, FakeClock()), manager

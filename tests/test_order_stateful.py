@@ -97,7 +97,9 @@ class ModelBroker:
 
     def status(self, ids: list[str]) -> wire.Status:
         known = [
-            wire.OrderStatus(i, o.order.symbol, o.order.side, o.order.qty, o.order.price, o.status, o.cum, o.order.price)
+            wire.OrderStatus(
+                i, o.order.symbol, o.order.side, o.order.qty, o.order.price, o.status, o.cum, o.order.price
+            )
             for i in ids
             if (o := self.orders.get(i)) is not None
         ]

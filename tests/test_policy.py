@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from broker.protocol import Side
-from daemon.config import SignalConfig
-from daemon.policy import BUY, HOLD, SELL, SignalPolicy, classify
+from daemon.config import Config, RiskConfig, SignalConfig, SymbolRiskConfig, UniverseConfig
+from daemon.policy import BUY, HOLD, MAX_QTY, SELL, SignalPolicy, classify
 
 
 def test_classify_returns_argmax_and_its_softmax_probability() -> None:
@@ -46,3 +46,49 @@ def test_intent_when_short_not_allowed_sells_only_to_flat() -> None:
     assert policy.intent(SELL, 0.9, 100.0, 0) is None
     intent = policy.intent(SELL, 0.9, 100.0, 7)
     assert intent is not None and intent.qty == 7 and intent.target == 0
+
+
+def test_target_position_when_price_is_tiny_is_capped_at_max_position() -> None:
+    """1e-300 used to ask for ~1e304 shares, which no journal or wire can hold."""
+    policy = SignalPolicy(SignalConfig(notional_per_signal=10_000.0), max_order_qty=100_000, max_position=1_000_000)
+    assert policy.target_position(BUY, 1e-300, 0) == 1_000_000
+    assert policy.target_position(SELL, 5e-324, 0) == -1_000_000
+
+
+def test_target_position_when_notional_is_infinite_is_capped_without_raising() -> None:
+    policy = SignalPolicy(SignalConfig(notional_per_signal=math.inf, lot_size=7), max_position=1000)
+    assert policy.target_position(BUY, 100.0, 0) == 994  # whole lots of 7 within 1000
+
+
+def test_intent_when_target_is_past_max_order_qty_orders_at_most_that_in_whole_lots() -> None:
+    policy = SignalPolicy(SignalConfig(notional_per_signal=10_000.0, lot_size=30), max_order_qty=1000)
+    intent = policy.intent(BUY, 0.9, close=0.05, exposure=0)
+    assert intent is not None
+    assert (intent.side, intent.qty, intent.price, intent.target) == (Side.BUY, 990, 0.05, 990)
+    assert all(isinstance(x, int) for x in (intent.qty, intent.target))
+
+
+@pytest.mark.parametrize("close", [1e-300, 0.004, 0.0, -1.0, math.nan, math.inf])
+def test_intent_when_limit_price_would_not_be_positive_is_none(close: float) -> None:
+    """A price that rounds to zero (or is no price) must never become an order."""
+    policy = SignalPolicy(SignalConfig(notional_per_signal=10_000.0), max_order_qty=100_000, max_position=1_000_000)
+    assert policy.intent(BUY, 0.9, close=close, exposure=0) is None
+    assert policy.intent(SELL, 0.9, close=close, exposure=5) is None
+
+
+def test_intent_without_limits_stays_within_the_largest_configurable_quantity() -> None:
+    policy = SignalPolicy(SignalConfig(notional_per_signal=1e12))
+    intent = policy.intent(BUY, 0.9, close=0.01, exposure=0)
+    assert intent is not None and intent.qty == MAX_QTY
+
+
+def test_policy_from_config_sizes_within_the_largest_limit_any_symbol_has() -> None:
+    config = Config(
+        signal=SignalConfig(notional_per_signal=1e9),
+        risk=RiskConfig(max_order_qty=1000, max_position=5000, symbols={"SPY": SymbolRiskConfig(max_order_qty=3000)}),
+        universe=UniverseConfig(symbols=("SPY", "IBM")),
+    )
+    policy = SignalPolicy.from_config(config)
+    assert policy.target_position(BUY, 10.0, 0) == 5000
+    intent = policy.intent(BUY, 0.9, 10.0, 0)
+    assert intent is not None and intent.qty == 3000

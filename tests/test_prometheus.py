@@ -78,6 +78,7 @@ def test_every_alert_rule_has_a_firing_and_a_quiet_test() -> None:
         "TradingdTickToOrderP99High",
         "TradingdInferenceP99OverBudget",
         "TradingdFailover",
+        "TradingdInconsistentExecReport",
         "TradingdSymbolHalted",
         "TradingdMarketHalted",
         "TradingdReviewWaiting",

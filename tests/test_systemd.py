@@ -309,13 +309,12 @@ def unit_allowed_syscalls(analyze: str) -> frozenset[str]:
 
 def _unit_environment(**override: str) -> dict[str, str]:
     """The environment the unit gives the daemon: its Environment= lines, then the environment file."""
+    assignments = [item.strip('"') for value in _unit_values("Environment") for item in value.split()]
+    assignments += [line for line in ENV_FILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
     env = {**os.environ}
-    for value in _unit_values("Environment"):
-        env.update(item.strip('"').split("=", 1) for item in value.split())  # type: ignore[misc]
-    for line in ENV_FILE.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, val = line.partition("=")
-            env[key.strip()] = val.strip()
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        env[key.strip()] = value.strip()
     return {**env, **override}
 
 

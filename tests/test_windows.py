@@ -1,4 +1,5 @@
-"""Feature windows: the gathered batch is exactly each symbol's last W bars, normalised."""
+"""Feature windows: the gathered batch is exactly each symbol's last W bars, normalised, and no
+bar whose features are not finite gets in."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.windows import FeatureWindows
-from engines.features import DEFAULT_FEATURES, feature_array
+from daemon.windows import FeatureWindows, Push
+from engines.features import DEFAULT_FEATURES, feature_array, feature_row_fn
 from engines.manifest import Feature, Normalisation
 
 FEATURES = tuple(
@@ -75,3 +76,40 @@ def test_push_first_bar_uses_prev_close_for_its_return() -> None:
     windows.push(0, 1, 100.0, 100.0, 100.0, 110.0, 1.0, 100.0)
     raw = windows.buf[0, 0, DEFAULT_FEATURES.index("log_return")]
     assert raw == pytest.approx(np.log(1.1), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("o", "h", "lo", "c", "v"),
+    [
+        (100.0, 100.0, 5e-324, 5e-324, 1.0),  # close / open underflows to 0: log is -inf
+        (1.0, 1.0, 1.0, 1.0, float("inf")),
+        (1.0, float("nan"), 1.0, 1.0, 1.0),
+        (1e308, 1e308, 1e-10, 1e308, 1.0),  # high / low overflows
+    ],
+)
+def test_push_when_a_feature_would_not_be_finite_refuses_the_bar_and_changes_nothing(
+    o: float, h: float, lo: float, c: float, v: float
+) -> None:
+    windows = FeatureWindows(("A",), 2, FEATURES)
+    assert windows.push(0, 1, 100.0, 100.0, 100.0, 100.0, 5.0, None)
+    before = windows.buf.copy()
+    assert windows.push(0, 2, o, h, lo, c, v, None) is Push.NON_FINITE
+    assert (windows.count[0], windows.last_ts[0], windows.last_close[0]) == (1, 1, 100.0)
+    np.testing.assert_array_equal(windows.buf, before)
+    assert windows.push(0, 2, 101.0, 101.0, 100.0, 100.5, 5.0, None) is Push.ADDED
+
+
+any_float = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e308, -1.0])
+
+
+@given(o=any_float, h=any_float, lo=any_float, c=any_float, v=any_float, pc=any_float)
+def test_scalar_features_when_inputs_are_degenerate_never_raise_and_equal_the_vector_form(
+    o: float, h: float, lo: float, c: float, v: float, pc: float
+) -> None:
+    """Where a log is undefined both forms give numpy's inf or nan; neither raises."""
+    row = np.array(feature_row_fn(DEFAULT_FEATURES)(o, h, lo, c, v, pc), dtype=np.float64)
+    previous = pc if pc > 0.0 else 0.0  # the vector form's first bar has no previous close
+    vector = feature_array(DEFAULT_FEATURES, np.array([[1.0, 1.0, 1.0, previous, 0.0], [o, h, lo, c, v]]))[1]
+    with np.errstate(over="ignore"):
+        expected = row.astype(np.float32)
+    np.testing.assert_allclose(vector, expected, rtol=1e-6, equal_nan=True)
