@@ -6,6 +6,11 @@ separate processes that live through it all. Afterwards: the broker received no 
 twice; every intent in the journal ended in exactly one way; every order the journal sent reached
 the broker once (or is closed as never having reached it); positions agree with the broker's;
 and no parked order or halt was forgotten across a restart.
+
+Random kills cannot show that they hit the narrow window between a send and its record: that is
+what the deterministic crash points do (``tests/test_crash_points.py``: after the sync, part way
+through a batch's writes, between a write and its mark, mid-reconciliation, a torn record). This
+test stays as the broad net over everything else a kill can interrupt.
 """
 
 from __future__ import annotations

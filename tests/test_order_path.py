@@ -4,6 +4,7 @@ price, and what another thread may read. Each test fails on the order path befor
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from broker.orders import FINAL, Order, OrderState
 from broker.sim import SimConfig
 from daemon.clock import FakeClock
 from daemon.config import Config, RiskConfig, SignalConfig, UniverseConfig
-from daemon.desk import OrderDesk
+from daemon.desk import HALT_LOG, OrderDesk
 from daemon.engineset import EngineSet, RerunFailedError
 from daemon.metrics import _histogram
 from daemon.order_manager import OrderManager
@@ -323,3 +324,39 @@ def test_journal_when_a_record_cannot_be_encoded_raises_a_journal_error(tmp_path
     journal = Journal(tmp_path / "j.msgpack", "none")
     with pytest.raises(JournalError, match="encode Intent"):
         journal.append(rec.Intent(ts=0, id="A", symbol="AAA", side="buy", qty=10**30, price=1.0, ts_event=0))
+
+
+# -- what must stay bounded in a process that runs for months ---------------------------------
+
+
+def test_halt_log_when_halts_pile_up_keeps_only_the_latest(tmp_path: Path) -> None:
+    manifest = load_manifest_for_tests()
+    desk = OrderDesk(
+        Config(universe=UniverseConfig(symbols=("AAA",))),
+        FeatureWindows(("AAA",), manifest.window, manifest.features),
+        FakeClock(),
+        Journal(tmp_path / "j.msgpack", "none"),
+        Stats(),
+    )
+    for _ in range(700):
+        desk.halt("AAA", uid=0)
+        desk.resume("AAA", uid=0)
+    assert len(desk.halt_log) == HALT_LOG and desk.stats.halts == 700
+
+
+def test_engine_events_when_switched_many_times_keep_the_latest_and_count_all() -> None:
+    standby = _Raising("standby")
+    engines = EngineSet(_Raising("primary"), standby, FailoverPolicy(1_000_000, 3, 20), lambda: 0)  # type: ignore[arg-type]
+    for _ in range(150):
+        engines.switch("standby", FailoverReason.OPERATOR, "drill")
+        engines.switch("primary", FailoverReason.OPERATOR, "drill")
+    assert engines.failovers == 300 and len(engines.events) == 100
+    assert engines.status()["failovers"] == 300
+
+
+def test_the_repository_tracks_no_profiler_dumps() -> None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    assert not [f for f in tracked if Path(f).name.startswith("onnxruntime_profile_")]
