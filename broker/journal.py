@@ -35,6 +35,7 @@ class Journal:
         self._encoder = msgspec.msgpack.Encoder()
         self._pending = bytearray()
         self.records = 0
+        self.failed: JournalError | None = None  # after one failed write the file is not trusted again
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -50,6 +51,8 @@ class Journal:
                 raise
 
     def append(self, record: Record) -> None:
+        if self.failed is not None:
+            raise self.failed
         try:
             data = self._encoder.encode(record)
         except (OverflowError, TypeError, ValueError) as exc:
@@ -68,10 +71,13 @@ class Journal:
             self.sync(force=True)
             CRASH.exit("journal_torn")
         if CRASH.due("journal_eio"):
-            raise JournalError(str(self.path), "write", CRASH.io_error("journal_eio"))
+            self.failed = JournalError(str(self.path), "write", CRASH.io_error("journal_eio"))
+            raise self.failed
 
     def sync(self, *, force: bool = False) -> None:
         """End of a batch: write the buffered records, and fsync them under ``batch``/``always``."""
+        if self.failed is not None:
+            raise self.failed
         pending = self._pending
         if not pending and not force:
             return
@@ -83,7 +89,10 @@ class Journal:
             if self.fsync != "none" or force:
                 os.fsync(self._fd)
         except OSError as exc:
-            raise JournalError(str(self.path), "sync", exc) from exc
+            # What reached the file is unknown (a short write, a page the kernel could not write
+            # back): writing again could tear a record mid-file, so nothing more is written.
+            self.failed = JournalError(str(self.path), "sync", exc)
+            raise self.failed from exc
         self._size += len(pending)
         pending.clear()
 
@@ -94,7 +103,8 @@ class Journal:
         if self._fd < 0:
             return  # closed already
         try:
-            self.sync()
+            if self.failed is None:
+                self.sync()
         finally:
             os.close(self._fd)
             self._fd = -1
@@ -137,7 +147,7 @@ def recover_journal(path: Path) -> tuple[list[Record], int]:
                 for obj in unpacker:
                     records.append(decode_record(obj, path, len(records)))
                     good = unpacker.tell()
-    except (msgpack.UnpackException, ValueError) as exc:
+    except (msgpack.UnpackException, ValueError, TypeError) as exc:
         raise JournalError(str(path), f"read after record {len(records)}", exc) from exc
     if records:
         first = records[0]

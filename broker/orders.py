@@ -36,7 +36,10 @@ TRANSITIONS: dict[OrderState, frozenset[OrderState]] = {
     OrderState.PARKED: frozenset({OrderState.DENIED, OrderState.SENT}),
     OrderState.SENT: _LIVE_AFTER_SEND | {OrderState.ACKED},
     OrderState.ACKED: _LIVE_AFTER_SEND,
-    OrderState.PARTIALLY_FILLED: frozenset({OrderState.PARTIALLY_FILLED, OrderState.FILLED, OrderState.CANCELED}),
+    # A partly filled order can still be refused in the end (the broker's, or ours: never reached).
+    OrderState.PARTIALLY_FILLED: frozenset(
+        {OrderState.PARTIALLY_FILLED, OrderState.FILLED, OrderState.CANCELED, OrderState.REJECTED}
+    ),
     OrderState.DENIED: frozenset(),
     OrderState.FILLED: frozenset(),
     OrderState.CANCELED: frozenset(),
@@ -113,13 +116,18 @@ def check_report(order: Order, report: ExecReport) -> Refusal | None:
     if report.last_qty < 0 or report.cum_qty < 0 or report.leaves_qty < 0:
         return Refusal("negative_qty", f"{oid}: last {report.last_qty} cum {report.cum_qty}", True)
     fill = report.cum_qty - order.filled_qty
+    target = _REPORT_STATE[report.status]
     if fill < 0:
+        if order.state in FINAL or target in (OrderState.ACKED, OrderState.PARTIALLY_FILLED):
+            # An older word arriving late (a reordered ack or partial, a status answer gathered
+            # before a live report): a lower running total moves nothing.
+            return Refusal(STALE, f"{oid}: {report.status} with cum_qty {report.cum_qty} after {order.filled_qty}")
+        # The broker's final word says less was filled than it already told us.
         return Refusal("cum_qty_backwards", f"{oid}: cum_qty {report.cum_qty} after {order.filled_qty} filled", True)
     if report.last_qty > fill:
         return Refusal("last_qty_over_cum", f"{oid}: last_qty {report.last_qty}, cum_qty moved by {fill}", True)
     if fill and not (math.isfinite(report.last_px) and report.last_px > 0.0):
         return Refusal("bad_price", f"{oid}: fill of {fill} at {report.last_px}", True)
-    target = _REPORT_STATE[report.status]
     if order.state in FINAL:
         if fill:
             return Refusal("fill_after_final", f"{oid}: {fill} more filled after {order.state}", True)
@@ -134,6 +142,9 @@ def check_report(order: Order, report: ExecReport) -> Refusal | None:
         if order.state in (OrderState.INTENT, OrderState.PARKED):
             return Refusal("not_sent", f"{oid}: {report.status} for an order never sent ({order.state})", True)
         return Refusal(STALE, f"{oid}: {order.state}->{target}")
+    if not fill and target is order.state:
+        # Nothing new (a repeat under a fresh ExecID): not applied, so not journaled either.
+        return Refusal(STALE, f"{oid}: {report.status} again with cum_qty {report.cum_qty}")
     return None
 
 

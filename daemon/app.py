@@ -12,7 +12,7 @@ import concurrent.futures
 import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ log = structlog.get_logger("tradingd.app")
 
 
 SUPERVISE_S = 0.5
+STATUS_RETRY_NS = 10_000_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Daemon:
         self._journal: Journal | None = None
         self.admin: AdminServer | None = None
         self.fatal: str | None = None  # set by fail_stop: why the daemon stopped itself
+        self.start_interrupted = False  # a stop came before start-up finished
         self.snapshot: Snapshot | None = None
 
     async def start(self, on_status: Callable[[str], None] = lambda _: None) -> None:
@@ -142,8 +144,8 @@ class Daemon:
         reconciled = asyncio.Event()
 
         def on_broker_status(message: wire.Status) -> None:
-            desk.reconcile(message)
-            reconciled.set()
+            if desk.on_status(message):
+                reconciled.set()
 
         backoff = Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000)
         if b.protocol == "native":
@@ -182,13 +184,13 @@ class Daemon:
                 known_order=desk.sent_order,
             )
         desk.gateway = self.gateway
-        self._tasks.append(asyncio.create_task(self.gateway.run(), name="broker"))
+        self._task(self.gateway.run(), "broker")
         status("reconciling with the broker")
         await reconciled.wait()
 
         self.admin = AdminServer(desk, runtime, cfg.admin)
         await self.admin.start()
-        self._tasks.append(asyncio.create_task(self._expire_reviews(), name="review-expiry"))
+        self._task(self._expire_reviews(), "review-expiry")
 
         if cfg.metrics.enabled:
             self._serve_metrics()
@@ -203,7 +205,7 @@ class Daemon:
             runtime.on_feed_event,
             self.clock.mono_ns,
         )
-        self._tasks.append(asyncio.create_task(self._feed.run(), name="feed"))
+        self._task(self._feed.run(), "feed")
         log.info(
             "started",
             symbols=len(cfg.universe.symbols),
@@ -211,8 +213,22 @@ class Daemon:
             feed=f"{f.host}:{f.port}",
             metrics_port=self.metrics_port,
         )
-        self._tasks.append(asyncio.create_task(self._announce_ready(on_status), name="ready"))
-        self._tasks.append(asyncio.create_task(self._supervise(), name="supervisor"))
+        self._task(self._announce_ready(on_status), "ready")
+        self._task(self._supervise(), "supervisor")
+
+    def _task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """A task of the daemon's; one that ends with an exception fail-stops the daemon (a task
+        that died quietly would leave, say, reviews that never expire)."""
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.fail_stop(f"task {task.get_name()} failed", f"{type(exc).__name__}: {exc}", exc)
 
     async def _announce_ready(self, on_status: Callable[[str], None]) -> None:
         runtime = self.runtime
@@ -235,8 +251,15 @@ class Daemon:
         tick = min(SUPERVISE_S, interval) if interval is not None else SUPERVISE_S
         last_ping = 0.0
         loop = asyncio.get_running_loop()
+        orders = runtime.desk.orders
         while not self._stop.is_set():
             self.publish()
+            asked = orders.status_asked_ns
+            if asked is not None and self.clock.mono_ns() - asked > STATUS_RETRY_NS:
+                # No (usable) answer to the status request: ask again rather than stay
+                # unreconciled, denying every order, for ever.
+                log.error("broker_status_unanswered", after_s=STATUS_RETRY_NS / 1e9, action="asking again")
+                orders.ask_status()
             stalled = runtime.stalled(bound_ns)
             if stalled is not None:
                 self.fail_stop("stalled", stalled)
@@ -415,6 +438,9 @@ class Daemon:
                     waiting=len(runtime.batcher),
                     detail="gave up on waiting batches",
                 )
+                # The inference thread did not come back: never wait on it (exit 70).
+                self.fatal = f"shutdown deadline: inference still running after {deadline_s:g} s"
+                self.stats.fail_stops += 1
         if runtime is not None:
             open_orders = len(runtime.book.working)
             if open_orders:
@@ -427,7 +453,7 @@ class Daemon:
         for task in self._tasks:
             if task.get_name() == "ready":
                 task.cancel()  # waits for a feed connection that may never come
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=deadline_s)
         if runtime is not None:
             # After a fail-stop the inference thread may be the thing that hung: never wait on it.
@@ -441,7 +467,9 @@ class Daemon:
                 log.error("journal_close_failed", error=str(exc))
         if self.gpu is not None:
             self.gpu.close()
-        if self.engines is not None:
+        if self.engines is not None and not self.start_interrupted:
+            # (Interrupted mid-start, a warm-up may still be running in its thread: the process
+            # exits without closing what that thread holds.)
             for engine in self.engines.engines:
                 engine.close()
         if self._metrics_server is not None:

@@ -143,6 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 await stopping
             else:
                 log.warning("stopped_during_start_up")
+                daemon.start_interrupted = True
                 starting.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await starting
@@ -150,19 +151,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             stopping.cancel()
             await daemon.shutdown()
             notifier.close()
+        code = 0
         if daemon.fatal is not None:
             print(f"tradingd run: fail-stop: {daemon.fatal}", file=sys.stderr)
-            return EX_SOFTWARE
-        return 0
+            code = EX_SOFTWARE
+        if code or daemon.start_interrupted:
+            # A fail-stop, or a stop during start-up, exits here: a hung inference, or an engine
+            # load or warm-up still running in its thread, must not hold the exit hostage to the
+            # interpreter's join of its worker threads.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
-    code = _run_async(main(), loop=args.loop)
-    if code == EX_SOFTWARE:
-        # A fail-stop exits now: a hung inference thread must not hold the exit (and the
-        # restart) hostage to the interpreter's join of its worker threads.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return _run_async(main(), loop=args.loop)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -56,7 +56,12 @@ class OrderDesk:
         self.policy = SignalPolicy.from_config(config)
         self.risk = RiskEngine(config, windows, clock)
         self.orders = OrderManager(
-            clock, journal, stats, on_inconsistent=self._inconsistent, on_sent=self.risk.remember_send
+            clock,
+            journal,
+            stats,
+            on_inconsistent=self._inconsistent,
+            on_sent=self.risk.remember_send,
+            universe=frozenset(self.symbols),
         )
         self.halt_log: deque[HaltEvent] = deque(maxlen=HALT_LOG)
         self.engine_active: str | None = None  # the journal's word on which engine was serving
@@ -148,6 +153,12 @@ class OrderDesk:
         self.journal.append(rec.Start(ts=wall, session=self.orders.session, after_fail_stop=self.fail_stopped))
         if self.fail_stopped:
             log.warning("restart_after_fail_stop", detail="the last process stopped itself; the journal was replayed")
+        for order in list(self.book.orders.values()):
+            if order.state is OrderState.PARKED and order.cl_ord_id not in self.reviews:
+                # Approved, then the process stopped before the decision was journaled: the
+                # approval is not taken late; the operator may see it denied and act again.
+                self.orders.deny(order, "abandoned", "stopped between approval and decision")
+                log.warning("approval_abandoned", id=order.cl_ord_id)
         self.orders.begin_session()
 
     def sent_order(self, cl_ord_id: str) -> wire.NewOrder | None:
@@ -157,7 +168,25 @@ class OrderDesk:
         return self.orders.status_request()
 
     def reconcile(self, status: wire.Status) -> list[str]:
-        return self.orders.reconcile(status)
+        differences = self.orders.reconcile(status)
+        self._cancel_what_must_not_work()
+        return differences
+
+    def on_status(self, status: wire.Status) -> bool:
+        """The broker's answer to the status request made at (re)connection; False if unasked."""
+        if not self.orders.on_status(status):
+            return False
+        self._cancel_what_must_not_work()
+        return True
+
+    def _cancel_what_must_not_work(self) -> None:
+        """After a reconciliation: a kill switch or halt that could not cancel while the broker
+        was away (or whose cancels were lost with the connection) cancels now."""
+        if self.risk.kill or self.halts.market is TradingState.HALTED:
+            self.cancel_working(None)
+        elif self.config.risk.halt.cancel_open_orders:
+            for symbol in self.halts.halted_symbols():
+                self.cancel_working(symbol)
 
     # -- market data ----------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ class OrderManager:
         *,
         on_inconsistent: Callable[[str, str], None] = lambda symbol, detail: None,
         on_sent: Callable[[Order, int], None] = lambda order, wall: None,
+        universe: frozenset[str] | None = None,
     ) -> None:
         self.clock = clock
         self.journal = journal
@@ -62,6 +63,8 @@ class OrderManager:
         self.session = 1
         self.on_inconsistent = on_inconsistent
         self.on_sent = on_sent
+        self.universe = universe  # positions outside it are the broker's business, not tracked here
+        self.status_asked_ns: int | None = None  # a status request is outstanding since (mono ns)
         self._order_seq = 0
         self._id_prefix = ""
         self._outbox: list[tuple[Order, dict[str, Any]]] = []
@@ -335,6 +338,12 @@ class OrderManager:
             differences.append(f"{cl_ord_id}: never reached the broker; closed, not resent")
         positions = self.book.positions
         broker_positions = status.positions if status.positions is not None else positions
+        universe = self.universe
+        if universe is not None:
+            foreign = sorted(s for s, q in broker_positions.items() if q and s not in universe)
+            if foreign:
+                differences.append(f"broker positions outside the universe, not tracked: {foreign}")
+            broker_positions = {s: q for s, q in broker_positions.items() if s in universe}
         for symbol in sorted(set(broker_positions) | set(positions)):
             ours, theirs = positions.get(symbol, 0), broker_positions.get(symbol, 0)
             if ours != theirs:
@@ -349,17 +358,41 @@ class OrderManager:
         self.reconciled = True
         return differences
 
+    def ask_status(self) -> None:
+        """Ask where the working orders stand; only the answer to an outstanding request is
+        applied (``on_status``)."""
+        if self.gateway is not None and self.gateway.send(self.status_request()):
+            self.status_asked_ns = self.clock.mono_ns()
+
+    def on_status(self, status: wire.Status) -> bool:
+        """The broker's answer to our status request. One that nobody asked for (a repeat, or
+        one sent unprompted) is counted and ignored: its positions are a snapshot of an earlier
+        moment, and adopting them would undo fills applied since."""
+        if self.status_asked_ns is None:
+            self.stats.reports_ignored["unsolicited_status"] += 1
+            log.warning("broker_status_ignored", detail="no status request outstanding")
+            return False
+        self.status_asked_ns = None
+        self.reconcile(status)
+        return True
+
     def on_broker_event(self, kind: str, detail: str) -> None:
         if kind == "connected":
             self.stats.broker_connects += 1
             # Every (re)connection is reconciled before orders flow again.
             self.reconciled = False
-            if self.gateway is not None:
-                self.gateway.send(self.status_request())
+            self.status_asked_ns = None
+            self.ask_status()
         elif kind == "disconnected":
             self.stats.broker_disconnects += 1
             self.reconciled = False
+            self.status_asked_ns = None
             # A cancel in flight may not have arrived: after the reconnect, it may be sent again.
             for order in self.book.working.values():
                 order.cancel_pending = False
+        elif kind == "cancel_rejected":
+            # The broker refused a cancel: none is in flight for that order any more.
+            refused = self.book.working.get(detail.split(":", 1)[0].strip())
+            if refused is not None:
+                refused.cancel_pending = False
         log.info("broker_" + kind, detail=detail)

@@ -90,6 +90,30 @@ def test_apply_when_a_report_repeats_its_exec_id_moves_the_position_once() -> No
     assert not book.working
 
 
+@pytest.mark.parametrize(
+    ("late", "cum"),
+    [(wire.ExecStatus.NEW, 0), (wire.ExecStatus.PARTIALLY_FILLED, 4)],
+    ids=["ack after a fill", "partial after a later partial"],
+)
+def test_apply_when_an_older_report_arrives_late_is_stale_not_inconsistent(late: wire.ExecStatus, cum: int) -> None:
+    book, order = OrderBook(), _order(qty=10)
+    book.add(order)
+    book.mark_sent(order, 1)
+    assert book.apply(_report(order, wire.ExecStatus.PARTIALLY_FILLED, 7, 7, exec_id="later")) is None
+    refusal = book.apply(_report(order, late, cum, cum, exec_id="earlier"))
+    assert refusal is not None and refusal.code == "stale" and not refusal.inconsistent
+    assert (book.positions["AAA"], order.filled_qty) == (7, 7)
+
+
+def test_apply_when_a_partly_filled_order_is_rejected_in_the_end_closes_it() -> None:
+    book, order = OrderBook(), _order(qty=10)
+    book.add(order)
+    book.mark_sent(order, 1)
+    assert book.apply(_report(order, wire.ExecStatus.PARTIALLY_FILLED, 4, 4)) is None
+    assert book.apply(_report(order, wire.ExecStatus.REJECTED, 0, 4)) is None
+    assert order.state is OrderState.REJECTED and not book.working and book.open_qty["AAA"] == 0
+
+
 def test_apply_when_the_same_fill_comes_under_a_new_exec_id_takes_cum_qty_not_last_qty() -> None:
     book, order = OrderBook(), _order(qty=10)
     book.add(order)
@@ -110,7 +134,7 @@ def test_apply_when_a_report_was_missed_takes_the_fill_from_cum_qty() -> None:
 @pytest.mark.parametrize(
     ("status", "last", "cum", "code"),
     [
-        (wire.ExecStatus.PARTIALLY_FILLED, 2, 2, "cum_qty_backwards"),
+        (wire.ExecStatus.CANCELED, 0, 2, "cum_qty_backwards"),
         (wire.ExecStatus.PARTIALLY_FILLED, -1, 5, "negative_qty"),
         (wire.ExecStatus.FILLED, 6, 11, "overfill"),
         (wire.ExecStatus.FILLED, 1, 6, "filled_short"),

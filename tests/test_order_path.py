@@ -5,6 +5,7 @@ price, and what another thread may read. Each test fails on the order path befor
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -360,3 +361,142 @@ def test_the_repository_tracks_no_profiler_dumps() -> None:
         pytest.skip("not a git checkout")
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
     assert not [f for f in tracked if Path(f).name.startswith("onnxruntime_profile_")]
+
+
+# -- found by an adversarial review --------------------------------------------------------------
+
+
+class SwitchableGateway(DroppingGateway):
+    """Writes everything while up; refuses while down."""
+
+    def __init__(self) -> None:
+        super().__init__(writes=10_000)
+        self.up = True
+
+    @property
+    def connected(self) -> bool:
+        return self.up
+
+    def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
+        return self.up and super().send(message)
+
+
+def _desk(tmp_path: Path, symbols: tuple[str, ...] = ("AAA",)) -> OrderDesk:
+    manifest = load_manifest_for_tests()
+    return OrderDesk(
+        Config(universe=UniverseConfig(symbols=symbols), risk=RiskConfig(clock="feed")),
+        FeatureWindows(symbols, manifest.window, manifest.features),
+        FakeClock(),
+        Journal(tmp_path / "j.msgpack", "none"),
+        Stats(),
+    )
+
+
+def _working_order(desk: OrderDesk, gateway: SwitchableGateway) -> Order:
+    desk.gateway = gateway
+    desk.on_broker_event("connected", "test")
+    assert desk.on_status(wire.Status(orders=[], unknown=[], positions={}, ts=0))
+    order = Order(desk.orders.next_id(), "AAA", wire.Side.BUY, 10, 100.0, 0, 0)
+    desk.orders.intent(order, "buy", 0.9)
+    desk.orders.queue(order, {})
+    desk.orders.commit()
+    return order
+
+
+def test_kill_switch_while_the_broker_is_away_cancels_once_it_is_back(tmp_path: Path) -> None:
+    desk, gateway = _desk(tmp_path), SwitchableGateway()
+    desk.orders.begin_session()
+    order = _working_order(desk, gateway)
+    gateway.up = False
+    desk.on_broker_event("disconnected", "test")
+    assert desk.kill_switch(uid=0) == 0  # nothing can be written now
+    gateway.up = True
+    desk.on_broker_event("connected", "test")
+    status = wire.OrderStatus(order.cl_ord_id, "AAA", order.side, 10, 100.0, wire.ExecStatus.NEW, 0, 0.0)
+    assert desk.on_status(wire.Status(orders=[status], unknown=[], positions={}, ts=0))
+    cancels = [m for m in gateway.written if isinstance(m, wire.Cancel)]
+    assert [c.orig_cl_ord_id for c in cancels] == [order.cl_ord_id]
+
+
+def test_a_status_nobody_asked_for_is_ignored_and_moves_no_position(tmp_path: Path) -> None:
+    desk, gateway = _desk(tmp_path), SwitchableGateway()
+    desk.orders.begin_session()
+    order = _working_order(desk, gateway)
+    old = wire.Status(orders=[], unknown=[], positions={"AAA": 0}, ts=0)
+    fill = wire.ExecReport(order.cl_ord_id, "E1", wire.ExecStatus.FILLED, "AAA", order.side, 10, 100.0, 10, 0, 0)
+    desk.on_report(fill)
+    assert not desk.on_status(old)  # a repeat of the answer at connection
+    assert desk.book.positions == {"AAA": 10} and desk.stats.reports_ignored["unsolicited_status"] == 1
+
+
+def test_reconcile_when_the_broker_holds_symbols_outside_the_universe_does_not_adopt_them(tmp_path: Path) -> None:
+    desk, gateway = _desk(tmp_path), SwitchableGateway()
+    desk.orders.begin_session()
+    desk.gateway = gateway
+    desk.on_broker_event("connected", "test")
+    assert desk.on_status(wire.Status(orders=[], unknown=[], positions={"AAA": 5, "ZZZ": 100}, ts=0))
+    assert desk.book.positions == {"AAA": 5}
+    desk.book.last_fill_px["AAA"] = 10.0
+    assert desk.risk.gross(desk.book) == Gross(50.0)
+
+
+def test_begin_session_when_an_approval_was_journaled_without_its_decision_closes_the_order(tmp_path: Path) -> None:
+    wall = 1_700_000_000_000_000_000
+    records: list[rec.Record] = [
+        rec.Intent(ts=wall, id="A-1", symbol="AAA", side="buy", qty=10, price=100.0, ts_event=wall),
+        rec.Parked(ts=wall, id="A-1", expires_at=wall + 10**12, notional=1000.0),
+        rec.Review(ts=wall, id="A-1", action="approved", uid=0),
+    ]
+    desk = _desk(tmp_path)
+    desk.restore(records)
+    desk.begin_session()
+    assert desk.book.orders["A-1"].state is OrderState.DENIED and not len(desk.reviews)
+
+
+async def test_a_background_task_that_fails_fail_stops_the_daemon(tmp_path: Path) -> None:
+    async def broken() -> None:
+        raise RuntimeError("the review expiry broke")
+
+    async with running_rig(tmp_path, SYMBOLS) as rig:
+        rig.daemon._task(broken(), "review-expiry")
+        await wait_for(lambda: rig.daemon.fatal is not None, what="fail-stop")
+        assert "review-expiry" in (rig.daemon.fatal or "") and rig.daemon.runtime.desk.kill
+
+
+def test_journal_after_a_failed_write_writes_nothing_more_and_stays_readable(tmp_path: Path) -> None:
+    """A file-size limit makes the kernel refuse a write part way (EFBIG), as a full disk would."""
+    script = f"""
+import resource, signal
+from pathlib import Path
+from broker import records as rec
+from broker.errors import JournalError
+from broker.journal import Journal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path = Path({str(tmp_path / "j.msgpack")!r})
+journal = Journal(path, "batch")
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+failed = None
+for i in range(1000):
+    journal.append(rec.Send(ts=i, id="order-" + "x" * 40 + str(i)))
+    try:
+        journal.sync()
+    except JournalError as exc:
+        failed = exc
+        break
+assert failed is not None
+size = path.stat().st_size
+for attempt in (lambda: journal.sync(), lambda: journal.append(rec.Send(ts=0, id="later"))):
+    try:
+        attempt()
+    except JournalError:
+        pass
+    else:
+        raise AssertionError("wrote after a failed write")
+journal.close()
+assert path.stat().st_size == size
+print("ok", size)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr
+    records, _ = recover_journal(tmp_path / "j.msgpack")  # a torn tail at most: cut, the rest reads
+    assert isinstance(records[0], rec.Header) and all(isinstance(r, rec.Send) for r in records[1:])

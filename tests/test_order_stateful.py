@@ -178,7 +178,8 @@ class OrderDeskMachine(RuleBasedStateMachine):
         self.desk.on_broker_event("connected", "model")
         request = self.gateway.status_requests[-1]
         status = self.broker.status(request.cl_ord_ids)
-        self.desk.reconcile(status)
+        assert self.desk.on_status(status)
+        self.stale_status = status
         # The broker's word is now the daemon's: every order it asked about, and positions.
         for s in status.orders:
             self.heard[s.cl_ord_id] = s.cum_qty
