@@ -10,6 +10,10 @@ daemon is restarted without the crash point and trades to the end of the replay.
 - every intent in the journal ended in exactly one way (sent once, denied, abandoned, or closed
   as never having reached the broker), and every order the broker has was journaled.
 
+The journal snapshots every second (then begins a new segment), so every run also restarts from a
+snapshot plus the segments after it; ``snapshot_torn``, ``snapshot_written`` and
+``segment_sealed`` crash inside that.
+
 ``mid_reconcile`` needs orders working at a reconciliation: the broker first lets every order
 rest, then restarts and fills them all (the market moved while nobody listened), so the daemon
 reconnects and dies part way through applying what it learns.
@@ -44,6 +48,9 @@ POINTS: dict[str, int] = {
     "sent_not_marked": 4,
     "journal_torn": 80,
     "mid_reconcile": 1,
+    "snapshot_torn": 2,
+    "snapshot_written": 2,
+    "segment_sealed": 2,
 }
 SYMBOLS = 8
 MINUTES = 120
@@ -103,6 +110,7 @@ operators = [{os.getuid()}]
 [journal]
 path = "{work / "journal.msgpack"}"
 fsync = "batch"
+snapshot_interval_s = 1.0
 [log]
 level = "warning"
 """

@@ -12,6 +12,9 @@ Points:
 - ``mid_reconcile``: part of the broker's status has been applied.
 - ``journal_torn``: half of a journal record is on disk (a torn write).
 - ``journal_eio``: a journal write fails with EIO (the process is not killed: it must fail-stop).
+- ``snapshot_torn``: half of a snapshot's temporary file is on disk.
+- ``snapshot_written``: the snapshot is in place and the active segment not yet sealed.
+- ``segment_sealed``: the active segment is sealed and the next one not yet begun.
 """
 
 from __future__ import annotations
@@ -23,7 +26,17 @@ import sys
 ENV = "TRADINGD_CRASH_AT"
 EXIT_CODE = 86
 POINTS = frozenset(
-    {"batch_synced", "batch_partly_sent", "sent_not_marked", "mid_reconcile", "journal_torn", "journal_eio"}
+    {
+        "batch_synced",
+        "batch_partly_sent",
+        "sent_not_marked",
+        "mid_reconcile",
+        "journal_torn",
+        "journal_eio",
+        "snapshot_torn",
+        "snapshot_written",
+        "segment_sealed",
+    }
 )
 
 

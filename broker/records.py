@@ -24,6 +24,7 @@ class _Record(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True, omit_
 class Header(_Record, frozen=True, tag="header"):
     format: int
     created_by: str = "tradingd"
+    segment: int = 1  # journal segments are numbered from 1; a snapshot covers segments up to its number
 
 
 class Start(_Record, frozen=True, tag="start"):
@@ -159,6 +160,16 @@ class Operator(_Record, frozen=True, tag="operator"):
     refused: bool = False  # the uid is not one of ``admin.operators``
 
 
+class Bars(_Record, frozen=True, tag="bars"):
+    """Bars accepted since the last such record, column by column (little-endian arrays), so a
+    restart rebuilds the feature windows from the last snapshot plus these."""
+
+    symbols: list[str]
+    bar_ts: bytes  # int64 bar close, ns
+    ohlcv: bytes  # float64 [n, 5]
+    prev_close: bytes  # float64, NaN where the feed sent none
+
+
 class BadReport(_Record, frozen=True, tag="bad_report"):
     """An execution report that was not applied because it contradicts what is known."""
 
@@ -187,6 +198,7 @@ Record = (
     | Reconcile
     | Operator
     | BadReport
+    | Bars
 )
 
 HALT_RECORDS = {"halt": HaltRecord, "reduce": ReduceRecord, "lift": LiftRecord, "reference": ReferenceRecord}

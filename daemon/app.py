@@ -23,8 +23,9 @@ import structlog
 from broker import protocol as wire
 from broker.client import Gateway, GatewayClient
 from broker.errors import JournalError
-from broker.journal import Journal, recover_journal
+from broker.journal import Journal, Retention, prune, recover, write_snapshot
 from broker.reconnect import Backoff
+from daemon import snapshot
 from daemon.admin import AdminServer
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config
@@ -82,6 +83,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._journal: Journal | None = None
         self.admin: AdminServer | None = None
+        self._last_snapshot = time.monotonic()
         self.fatal: str | None = None  # set by fail_stop: why the daemon stopped itself
         self.start_interrupted = False  # a stop came before start-up finished
         self.snapshot: Snapshot | None = None
@@ -117,27 +119,43 @@ class Daemon:
                 health=engine.health().detail,
             )
         status("replaying journal")
-        journal_path = Path(cfg.journal.path)
-        records, torn = await asyncio.to_thread(recover_journal, journal_path)
-        if torn:
-            log.warning("journal_torn_tail", path=str(journal_path), bytes_cut=torn)
-        self._journal = Journal(journal_path, cfg.journal.fsync, wall_ns=self.clock.wall_ns())
+        jc = cfg.journal
+        journal_path = Path(jc.path)
+        started = time.monotonic()
+        recovery = await asyncio.to_thread(recover, journal_path)
+        if recovery.torn_bytes:
+            log.warning("journal_torn_tail", path=str(journal_path), bytes_cut=recovery.torn_bytes)
+        for problem in recovery.skipped_snapshots:
+            log.error("snapshot_unreadable", detail=problem, action="falling back to the one before")
+        self._journal = Journal(journal_path, jc.fsync, wall_ns=self.clock.wall_ns(), segment=recovery.next_segment)
         self.runtime = runtime = Runtime(cfg, engines, self.clock, self._journal, self.stats)
         desk = runtime.desk
-        desk.restore(records)
+        unwindowed: list[str] = []
+        if recovery.snapshot is not None:
+            unwindowed = desk.load(snapshot.decode(recovery.snapshot))
+        desk.restore(recovery.records)
         desk.begin_session()
         self._settle_active_engine(desk.engine_active)
+        warm = sum(1 for i in range(len(runtime.windows.symbols)) if runtime.windows.full(i))
         log.info(
             "journal_replayed",
             path=str(journal_path),
-            records=len(records),
+            snapshot_segment=recovery.snapshot_segment or None,
+            segments=recovery.segments_read,
+            records=len(recovery.records),
+            seconds=round(time.monotonic() - started, 3),
             session=desk.session,
             orders=len(desk.book.orders),
             parked=len(desk.reviews),
             halted=desk.halts.halted_symbols(),
             market=str(desk.halts.market),
             kill=desk.kill,
+            windows_ready=warm,
+            windows_warming=len(runtime.windows.symbols) - warm,
         )
+        if recovery.snapshot is not None and unwindowed:
+            log.warning("snapshot_without_windows", symbols=unwindowed[:20], count=len(unwindowed))
+        self._last_snapshot = time.monotonic()
 
         status("connecting broker")
         b = cfg.broker
@@ -260,6 +278,8 @@ class Daemon:
                 # unreconciled, denying every order, for ever.
                 log.error("broker_status_unanswered", after_s=STATUS_RETRY_NS / 1e9, action="asking again")
                 orders.ask_status()
+            if self._snapshot_due():
+                self.checkpoint("periodic")
             stalled = runtime.stalled(bound_ns)
             if stalled is not None:
                 self.fail_stop("stalled", stalled)
@@ -269,6 +289,48 @@ class Daemon:
                 last_ping = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=tick)
+
+    def _snapshot_due(self) -> bool:
+        journal, jc = self._journal, self.config.journal
+        if journal is None:
+            return False
+        if journal.records_in_segment <= 1:
+            return False  # nothing since the last snapshot but the segment's header
+        return (
+            time.monotonic() - self._last_snapshot >= jc.snapshot_interval_s
+            or journal.records_in_segment >= jc.snapshot_records
+            or journal.size_bytes() >= jc.snapshot_bytes
+        )
+
+    def checkpoint(self, why: str) -> None:
+        """Snapshot everything restore needs, begin a new journal segment, apply the retention
+        policy. On the loop between two callbacks, so the state is consistent; an inference in
+        flight is fine (its orders come after, in the new segment)."""
+        runtime, journal = self.runtime, self._journal
+        assert runtime is not None and journal is not None
+        started = time.monotonic()
+        runtime.flush_bars()
+        journal.sync()
+        body = snapshot.encode(runtime.desk.snapshot())
+        wall = self.clock.wall_ns()
+        covered = journal.segment
+        write_snapshot(journal.path, covered, body, wall)
+        journal.rotate(wall)
+        jc = self.config.journal
+        removed = prune(
+            journal.path,
+            Retention(jc.keep_snapshots, jc.max_segments, jc.max_bytes, jc.max_age_days * 86_400.0),
+        )
+        self._last_snapshot = time.monotonic()
+        self.stats.snapshots += 1
+        log.info(
+            "snapshot",
+            why=why,
+            segment=covered,
+            bytes=len(body),
+            ms=round((time.monotonic() - started) * 1000, 1),
+            pruned=len(removed),
+        )
 
     def publish(self) -> None:
         """The loop-owned state as one immutable snapshot, swapped in whole: the metrics thread
@@ -445,6 +507,8 @@ class Daemon:
             open_orders = len(runtime.book.working)
             if open_orders:
                 log.warning("shutdown_open_orders", count=open_orders)
+            if self.fatal is None and self._journal is not None and self._journal.failed is None:
+                self.checkpoint("shutdown")  # the next start reads this and nothing before it
         self._stop.set()
         if self.admin is not None:
             await self.admin.close()

@@ -190,6 +190,19 @@ class AdminConfig(_Section, frozen=True):
 class JournalConfig(_Section, frozen=True):
     path: str = "/var/lib/tradingd/journal.msgpack"
     fsync: Literal["none", "batch", "always"] = "batch"
+    # A snapshot (then a new segment) when the first of these is reached, and at a clean stop.
+    snapshot_interval_s: Annotated[float, msgspec.Meta(ge=1.0, le=86_400.0)] = 60.0
+    snapshot_records: Annotated[int, msgspec.Meta(ge=100, le=100_000_000)] = 200_000
+    snapshot_bytes: Annotated[int, msgspec.Meta(ge=1 << 16, le=1 << 40)] = 64 << 20
+    # Retention: the newest ``keep_snapshots`` snapshots and the segments they need always stay;
+    # older sealed segments go past any of these limits.
+    keep_snapshots: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    max_segments: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 200
+    max_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 50)] = 4 << 30
+    max_age_days: Annotated[float, msgspec.Meta(gt=0, le=36_500.0)] = 30.0
+    # A restored window whose last bar is older than this at the symbol's next bar is stale: the
+    # symbol warms up again (and the log says so).
+    window_max_gap_s: Annotated[float, msgspec.Meta(ge=60.0, le=86_400.0 * 30)] = 300.0
 
 
 class ProcessConfig(_Section, frozen=True):

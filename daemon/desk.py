@@ -12,17 +12,20 @@ journaled with the caller's uid.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import structlog
 
 from broker import protocol as wire
 from broker import records as rec
 from broker.client import Gateway
 from broker.journal import Journal
-from broker.orders import Order, OrderBook, OrderState
+from broker.orders import FINAL, Order, OrderBook, OrderState
+from daemon import snapshot as snap
 from daemon.batcher import Batch
 from daemon.clock import Clock
 from daemon.config import Config
@@ -147,6 +150,86 @@ class OrderDesk:
                 case rec.Reconcile() if r.positions is not None:
                     # The broker's positions, as adopted then; later fills move them on.
                     book.positions = dict(r.positions)
+                case rec.Bars():
+                    self._replay_bars(r)
+
+    def _replay_bars(self, r: rec.Bars) -> None:
+        """Bars accepted after the snapshot go back into the windows (never through the halt
+        rule again: its events are journaled on their own)."""
+        windows, index = self.windows, self.windows.index
+        ts = np.frombuffer(r.bar_ts, dtype="<i8")
+        ohlcv = np.frombuffer(r.ohlcv, dtype="<f8").reshape(len(ts), 5)
+        prev = np.frombuffer(r.prev_close, dtype="<f8")
+        for k, symbol in enumerate(r.symbols):
+            i = index.get(symbol)
+            if i is None:
+                continue
+            o, h, lo, c, v = (float(x) for x in ohlcv[k])
+            pc = float(prev[k])
+            windows.push(i, int(ts[k]), o, h, lo, c, v, None if math.isnan(pc) else pc)
+            self.risk.feed_now = max(self.risk.feed_now, int(ts[k]))
+
+    def snapshot(self) -> snap.State:
+        """Everything restore needs, as of now (between two callbacks of the loop)."""
+        book, risk = self.book, self.risk
+        live = [o for o in book.orders.values() if o.state not in FINAL]
+        return snap.State(
+            format=snap.FORMAT,
+            session=self.orders.session,
+            order_seq=self.orders.order_seq,
+            positions={k: v for k, v in book.positions.items() if v},
+            last_fill_px=dict(book.last_fill_px),
+            orders=[
+                snap.OrderState(
+                    o.cl_ord_id,
+                    o.symbol,
+                    str(o.side),
+                    o.qty,
+                    o.price,
+                    o.ts_event,
+                    str(o.state),
+                    o.filled_qty,
+                    o.notional_filled,
+                    sorted(o.exec_ids),
+                    o.cancels,
+                )
+                for o in live
+            ],
+            parked=[snap.ParkedState(p.id, p.parked_at_ns, p.expires_at_ns) for p in risk.reviews.waiting()],
+            halts=risk.halts.export(),
+            kill=risk.kill,
+            engine_active=self.engine_active,
+            feed_now=risk.feed_now,
+            recent_sends=list(risk.recent_sends),
+            windows=self.windows.export(),
+        )
+
+    def load(self, state: snap.State) -> list[str]:
+        """Take a snapshot back (before the records after it are replayed); returns the symbols
+        that have no window in it."""
+        book, risk = self.book, self.risk
+        self.orders.session = state.session + 1  # the snapshot was taken in that session
+        book.positions = dict(state.positions)
+        book.last_fill_px = dict(state.last_fill_px)
+        for o in state.orders:
+            order = Order(o.id, o.symbol, wire.Side(o.side), o.qty, o.price, o.ts_event, 0)
+            order.filled_qty, order.notional_filled = o.filled_qty, o.notional_filled
+            order.exec_ids, order.cancels = set(o.exec_ids), o.cancels
+            order.state = OrderState(o.state)
+            book.add(order)
+            if order.state not in (OrderState.INTENT, OrderState.PARKED):
+                book.working[order.cl_ord_id] = order
+                book.open_qty[order.symbol] = book.open_qty.get(order.symbol, 0) + order.signed_open_qty
+        for p in state.parked:
+            waiting = book.orders.get(p.id)
+            if waiting is not None and waiting.state is OrderState.PARKED:
+                risk.reviews.park(risk.parked(waiting, p.parked_at, p.expires_at))
+        risk.halts.load(state.halts)
+        risk.kill = state.kill
+        self.engine_active = state.engine_active
+        risk.feed_now = state.feed_now
+        risk.recent_sends.extend(state.recent_sends)
+        return self.windows.load(state.windows)
 
     def begin_session(self) -> None:
         wall = self.clock.wall_ns()

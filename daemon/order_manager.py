@@ -65,7 +65,7 @@ class OrderManager:
         self.on_sent = on_sent
         self.universe = universe  # positions outside it are the broker's business, not tracked here
         self.status_asked_ns: int | None = None  # a status request is outstanding since (mono ns)
-        self._order_seq = 0
+        self.order_seq = 0
         self._id_prefix = ""
         self._outbox: list[tuple[Order, dict[str, Any]]] = []
 
@@ -103,8 +103,8 @@ class OrderManager:
     # -- new orders -----------------------------------------------------------------------
 
     def next_id(self) -> str:
-        self._order_seq += 1
-        return f"{self._id_prefix}-{self._order_seq}"
+        self.order_seq += 1
+        return f"{self._id_prefix}-{self.order_seq}"
 
     def intent(self, order: Order, signal: str, confidence: float) -> None:
         self.journal.append(

@@ -86,7 +86,7 @@ class RiskEngine:
         self.reviews = ReviewQueue()
         self.kill = False
         self.feed_now = 0
-        self._recent_sends: deque[int] = deque()
+        self.recent_sends: deque[int] = deque()
         self._last_same: dict[tuple[str, str, int, float], int] = {}
         self._feed_clock = config.risk.clock == "feed"
 
@@ -138,7 +138,7 @@ class RiskEngine:
         i = self.windows.index[order.symbol]
         wall = self.clock.wall_ns()
         window_start = wall - self.limits.throttle_window_ns
-        recent = self._recent_sends
+        recent = self.recent_sends
         while recent and recent[0] <= window_start:
             recent.popleft()
         return RiskView(
@@ -157,7 +157,7 @@ class RiskEngine:
         )
 
     def remember_send(self, order: Order, wall: int) -> None:
-        self._recent_sends.append(wall)
+        self.recent_sends.append(wall)
         last_same = self._last_same
         last_same[(order.symbol, order.side, order.qty, order.price)] = wall
         if len(last_same) > 4 * len(self.windows.symbols) + 1024:

@@ -13,6 +13,7 @@ or a whole extra batch is already waiting.
 from __future__ import annotations
 
 import asyncio
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from broker import records as rec
 from broker.errors import FrameError
 from broker.journal import Journal
 from broker.orders import OrderBook
@@ -99,6 +101,11 @@ class Runtime:
             f.min_price, f.max_price, f.max_volume, round(f.max_future_s * NS_PER_S), round(f.max_ahead_s * NS_PER_S)
         )
         self._feed_ts: int | None = None  # the feed's current minute: the latest bar close accepted
+        self.journal = journal
+        # Bars accepted since they were last journaled (a ``Bars`` record per batch or minute),
+        # so a restart rebuilds the windows from the snapshot plus these.
+        self._bars: list[tuple[str, int, float, float, float, float, float, float]] = []
+        self._max_gap_ns = int(config.journal.window_max_gap_s * 1e9)
         self.idle_event = asyncio.Event()
         self.idle_event.set()
         self.feed_connected_event = asyncio.Event()  # set on the first feed connection
@@ -132,7 +139,19 @@ class Runtime:
         if i is None:
             self._reject(RejectReason.UNKNOWN_SYMBOL, bar.symbol, bar.seq, bar.symbol)
             return None
-        pushed = self.windows.push(i, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.prev_close)
+        windows = self.windows
+        if windows.restored and i in windows.restored:
+            gap = windows.resume(i, bar.ts, self._max_gap_ns)
+            if gap is not None:
+                self.stats.windows_stale += 1
+                log.warning(
+                    "window_stale",
+                    symbol=bar.symbol,
+                    gap_s=round(gap / 1e9),
+                    max_gap_s=self._max_gap_ns // 1_000_000_000,
+                    detail="restored window too old for this bar: warming up again",
+                )
+        pushed = windows.push(i, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, bar.prev_close)
         if pushed is Push.NOT_AFTER_LAST:
             detail = f"ts {bar.ts} <= last {self.windows.last_ts[i]}"
             self._reject(RejectReason.OUT_OF_ORDER, detail, bar.seq, bar.symbol)
@@ -143,7 +162,29 @@ class Runtime:
             return None
         if self._feed_ts is None or bar.ts > self._feed_ts:
             self._feed_ts = bar.ts
+        prev = bar.prev_close
+        self._bars.append(
+            (bar.symbol, bar.ts, bar.open, bar.high, bar.low, bar.close, bar.volume, math.nan if prev is None else prev)
+        )
         return i
+
+    def flush_bars(self) -> None:
+        """Journal the bars accepted since the last call as one columnar record (synced with
+        the next batch)."""
+        bars = self._bars
+        if not bars:
+            return
+        self._bars = []
+        symbols, ts, o, h, lo, c, v, prev = zip(*bars, strict=True)
+        self.journal.append(
+            rec.Bars(
+                ts=self.clock.wall_ns(),
+                symbols=list(symbols),
+                bar_ts=np.array(ts, dtype="<i8").tobytes(),
+                ohlcv=np.array([o, h, lo, c, v], dtype="<f8").T.tobytes(),
+                prev_close=np.array(prev, dtype="<f8").tobytes(),
+            )
+        )
 
     def on_bar(self, bar: Bar, ts_recv: int) -> None:
         s = self.stats
@@ -177,6 +218,7 @@ class Runtime:
 
     def on_minute_end(self, message: MinuteEnd, ts_recv: int) -> None:
         self._seq(message.seq)
+        self.flush_bars()
         self.stats.minute_ends += 1
         self._drain = True
         self._flush()
@@ -259,6 +301,7 @@ class Runtime:
         self._backpressure()
 
     def _start(self, batch: Batch) -> None:
+        self.flush_bars()
         n = len(batch)
         engine, bucket, buf = self.engines.input_buffer(n)
         self.windows.gather(batch.symbols, buf[:n])

@@ -139,6 +139,8 @@ class Stats:
     reports_ignored: Counter[str] = field(default_factory=Counter)  # repeats, late words, unknown orders
     reports_inconsistent: Counter[str] = field(default_factory=Counter)  # contradictions: symbol -> REDUCING
     fail_stops: int = 0
+    windows_stale: int = 0  # restored windows too old for the next bar: warming up again
+    snapshots: int = 0
     sends_failed: int = 0  # orders the gateway could not write (closed as never sent)
     broker_connects: int = 0
     reconcile_differences: int = 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from enum import Enum
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 
@@ -46,7 +47,9 @@ class FeatureWindows:
         self.count = [0] * n  # bars accepted per symbol
         self.last_ts = [-(1 << 63)] * n
         self.last_close = [0.0] * n
-        self._row = feature_row_fn(tuple(x.name for x in features))
+        self.feature_names = tuple(x.name for x in features)
+        self.restored: set[int] = set()  # symbols whose window came from a snapshot, not yet resumed
+        self._row = feature_row_fn(self.feature_names)
         self._mean = np.array([x.norm.mean for x in features], dtype=np.float32)
         self._inv_std = np.array([1.0 / x.norm.std for x in features], dtype=np.float32)
         self._clip = np.array([x.norm.clip for x in features], dtype=np.float32)
@@ -83,6 +86,24 @@ class FeatureWindows:
     def full(self, i: int) -> bool:
         return self.count[i] >= self.window
 
+    def reset(self, i: int) -> None:
+        """Forget symbol ``i``'s bars: it warms up again from its next bar."""
+        self.buf[i] = 0.0
+        self._head[i] = 0
+        self.count[i] = 0
+        self.last_ts[i] = -(1 << 63)
+        self.last_close[i] = 0.0
+
+    def resume(self, i: int, ts: int, max_gap_ns: int) -> int | None:
+        """The first bar of a restored symbol: if its window's last bar is more than ``max_gap_ns``
+        older, the window is stale and is reset; returns the gap then, else None."""
+        self.restored.discard(i)
+        last = self.last_ts[i]
+        if self.count[i] and ts - last > max_gap_ns:
+            self.reset(i)
+            return ts - last
+        return None
+
     def gather(self, symbols: IntArray, out: npt.NDArray[np.float32]) -> None:
         """Write the normalised windows of ``symbols`` (oldest bar first) into ``out`` [n, W, F]."""
         n = len(symbols)
@@ -100,3 +121,49 @@ class FeatureWindows:
         self.gather(np.array([i], dtype=np.int64), out)
         window: npt.NDArray[np.float32] = out[0]
         return window
+
+    def export(self) -> WindowsState:
+        """Everything needed to rebuild the windows exactly (for a snapshot)."""
+        return WindowsState(
+            list(self.symbols),
+            self.window,
+            list(self.feature_names),
+            self.buf.tobytes(),
+            self._head.tobytes(),
+            list(self.count),
+            list(self.last_ts),
+            list(self.last_close),
+        )
+
+    def load(self, state: WindowsState) -> list[str]:
+        """Take the windows of a snapshot, symbol by symbol (the universe may have changed since);
+        returns the symbols of this universe the snapshot has no window for."""
+        if state.window != self.window or state.features != list(self.feature_names):
+            return list(self.symbols)  # another model's windows: every symbol warms up
+        n, f = len(state.symbols), len(self.feature_names)
+        buf = np.frombuffer(state.buf, dtype=np.float32).reshape(n, self.window, f)
+        head = np.frombuffer(state.head, dtype=np.int64)
+        for j, name in enumerate(state.symbols):
+            i = self.index.get(name)
+            if i is None:
+                continue
+            self.buf[i] = buf[j]
+            self._head[i] = head[j]
+            self.count[i] = state.count[j]
+            self.last_ts[i] = state.last_ts[j]
+            self.last_close[i] = state.last_close[j]
+            if self.count[i]:
+                self.restored.add(i)
+        known = set(state.symbols)
+        return [s for s in self.symbols if s not in known]
+
+
+class WindowsState(msgspec.Struct, frozen=True, array_like=True):
+    symbols: list[str]
+    window: int
+    features: list[str]
+    buf: bytes  # float32 [S, W, F]
+    head: bytes  # int64 [S]
+    count: list[int]
+    last_ts: list[int]
+    last_close: list[float]

@@ -105,6 +105,28 @@ class HaltBook:
         current = self.market if symbol is None else self.state[symbol]
         return None if current is target else self._set(symbol, target, ts, reason)
 
+    def export(self) -> dict[str, object]:
+        """The book as plain values (for a snapshot); ``load`` takes it back."""
+        return {
+            "state": {k: str(v) for k, v in self.state.items()},
+            "market": str(self.market),
+            "halted_at": {("" if k is None else k): v for k, v in self.halted_at.items()},
+            "session": dict(self._session),
+            "first_open": dict(self._first_open),
+        }
+
+    def load(self, saved: dict[str, object]) -> None:
+        state: dict[str, str] = saved["state"]  # type: ignore[assignment]
+        for symbol, value in state.items():
+            if symbol in self.state:
+                self.state[symbol] = TradingState(value)
+        self.market = TradingState(str(saved["market"]))
+        halted_at: dict[str, int] = saved["halted_at"]  # type: ignore[assignment]
+        self.halted_at = {(k or None): v for k, v in halted_at.items() if not k or k in self.state}
+        self._session.update({k: v for k, v in saved["session"].items() if k in self.state})  # type: ignore[attr-defined]
+        self._first_open.update({k: v for k, v in saved["first_open"].items() if k in self.state})  # type: ignore[attr-defined]
+        self._halted = sum(1 for st in self.state.values() if st is TradingState.HALTED)
+
     def restore(self, event: HaltEvent) -> None:
         """Re-apply a journaled event at start-up."""
         if event.action == "reference":

@@ -529,25 +529,25 @@ async def test_send_when_the_session_is_logging_out_returns_false_and_writes_not
 async def test_logon_when_the_peer_never_answers_it_drops_the_connection_and_tries_again(tmp_path: Path) -> None:
     acceptor, seen = ScriptedAcceptor(answer_logon=False), Seen()
     port = await acceptor.start()
-    client = FixGatewayClient(
-        "127.0.0.1",
-        port,
-        protocol="fix44",
-        sender_comp_id="TRADINGD",
-        target_comp_id="EXECUTOR",
-        store=tmp_path / "fix.seq",
-        on_report=seen.reports.append,
-        on_event=lambda k, d: seen.events.append((k, d)),
-        backoff=Backoff(0.02, 0.05),
-        logon_timeout_s=0.2,
-    )
-    task = asyncio.create_task(client.run())
     try:
+        client = FixGatewayClient(
+            "127.0.0.1",
+            port,
+            protocol="fix44",
+            sender_comp_id="TRADINGD",
+            target_comp_id="EXECUTOR",
+            store=tmp_path / "fix.seq",
+            on_report=seen.reports.append,
+            on_event=lambda k, d: seen.events.append((k, d)),
+            backoff=Backoff(0.02, 0.05),
+            logon_timeout_s=0.2,
+        )
+        task = asyncio.create_task(client.run())
         await wait_for(lambda: acceptor.logons >= 2, timeout=5, what="a second Logon on a new connection")
         kinds = [k for k, _ in seen.events]
         assert "logon_timeout" in kinds and "disconnected" in kinds and not client.connected
         assert len(acceptor.writers) >= 2
-    finally:
         client.stop()
         await asyncio.wait_for(task, 2)
+    finally:
         await acceptor.close()

@@ -81,6 +81,7 @@ def test_every_alert_rule_has_a_firing_and_a_quiet_test() -> None:
         "TradingdInconsistentExecReport",
         "TradingdSymbolHalted",
         "TradingdMarketHalted",
+        "TradingdKillSwitch",
         "TradingdReviewWaiting",
         "TradingdFeedSilent",
         "TradingdFeedGapping",

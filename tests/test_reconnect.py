@@ -58,9 +58,9 @@ class Events:
 
 
 async def test_connect_when_the_peer_never_answers_times_out_and_is_tried_again() -> None:
-    listener = SilentListener()
-    events, stopping = Events(), asyncio.Event()
     backoff = Backoff(0.01, 0.02, connect_timeout_s=0.2, rng=random.Random(1))
+    events, stopping = Events(), asyncio.Event()
+    listener = SilentListener()
     started = time.monotonic()
     task = asyncio.create_task(keep_connected(ClosingProtocol, "127.0.0.1", listener.port, backoff, stopping, events))
     try:
@@ -77,9 +77,9 @@ async def test_connect_when_the_peer_never_answers_times_out_and_is_tried_again(
 
 
 async def test_stop_when_a_connect_is_still_unanswered_returns_at_once() -> None:
-    listener = SilentListener()
-    events, stopping = Events(), asyncio.Event()
     backoff = Backoff(0.01, 0.02, connect_timeout_s=60.0)
+    events, stopping = Events(), asyncio.Event()
+    listener = SilentListener()
     task = asyncio.create_task(keep_connected(ClosingProtocol, "127.0.0.1", listener.port, backoff, stopping, events))
     try:
         await asyncio.sleep(0.2)
@@ -92,6 +92,7 @@ async def test_stop_when_a_connect_is_still_unanswered_returns_at_once() -> None
 
 
 async def test_connect_when_the_peer_answers_resets_the_backoff_and_reports_the_connection() -> None:
+    backoff = Backoff(0.01, 0.05, connect_timeout_s=1.0, rng=random.Random(2))
     accepted: list[asyncio.StreamWriter] = []
 
     async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,7 +102,6 @@ async def test_connect_when_the_peer_answers_resets_the_backoff_and_reports_the_
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = int(server.sockets[0].getsockname()[1])
     events, stopping = Events(), asyncio.Event()
-    backoff = Backoff(0.01, 0.05, connect_timeout_s=1.0, rng=random.Random(2))
     task = asyncio.create_task(keep_connected(ClosingProtocol, "127.0.0.1", port, backoff, stopping, events))
     try:
         await wait_for(lambda: events.kinds().count("disconnected") >= 2, what="two connections")
