@@ -471,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("to", choices=["primary", "standby"])
     p.set_defaults(func=cmd_failover)
 
+    from daemon.journal_tool import add_parser as add_journal_parser  # noqa: PLC0415
+
+    add_journal_parser(sub)
+
     model = sub.add_parser("model", help="signal model tools (need the export extra)")
     msub = model.add_subparsers(dest="model_command", required=True)
     p = msub.add_parser("export", help="export a signal checkpoint to ONNX with its manifest")

@@ -1,0 +1,196 @@
+"""Journal segments, snapshots and retention: start-up reads the newest good snapshot and only
+what follows it; a bad snapshot falls back; a crash between the snapshot and the seal loses
+nothing; retention bounds the disk and never drops what a kept snapshot needs. And a restarted
+daemon trades on the next minute instead of warming up again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from broker import records as rec
+from broker.journal import (
+    Journal,
+    Retention,
+    prune,
+    read_journal,
+    recover,
+    sealed_segments,
+    snapshot_path,
+    snapshots,
+    write_snapshot,
+)
+from daemon.app import Daemon
+from daemon.config import JournalConfig, SignalConfig
+from daemon.windows import FeatureWindows
+from engines.chooser import DEFAULT_MODEL
+from engines.manifest import load_manifest
+from tests.helpers import Rig, ScriptedFeed, rig_config, wait_for
+from tests.test_daemon_loopback import WINDOW, _send_minutes
+
+
+def _sends(records: list[rec.Record]) -> list[str]:
+    return [r.id for r in records if isinstance(r, rec.Send)]
+
+
+def _journal_with_snapshots(base: Path, rounds: int) -> Journal:
+    """``rounds`` segments of two sends each, a snapshot (body = the segment number) after each."""
+    journal = Journal(base, "none")
+    for k in range(rounds):
+        journal.append(rec.Send(ts=k, id=f"{k}-a"))
+        journal.append(rec.Send(ts=k, id=f"{k}-b"))
+        journal.sync()
+        write_snapshot(base, journal.segment, str(journal.segment).encode(), k)
+        journal.rotate(k)
+    journal.append(rec.Send(ts=99, id="tail"))
+    journal.sync()
+    return journal
+
+
+def test_recover_reads_the_newest_snapshot_and_only_the_segments_after_it(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    _journal_with_snapshots(base, 3).close()
+    recovery = recover(base)
+    assert (recovery.snapshot, recovery.snapshot_segment) == (b"3", 3)
+    assert _sends(recovery.records) == ["tail"] and recovery.next_segment == 4
+    # Tools still see the whole history that retention kept.
+    assert [r["id"] for r in read_journal(base) if r["kind"] == "send"][:2] == ["0-a", "0-b"]
+
+
+def test_recover_when_the_newest_snapshot_is_corrupt_falls_back_to_the_one_before(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    _journal_with_snapshots(base, 3).close()
+    newest = snapshot_path(base, 3)
+    newest.write_bytes(newest.read_bytes()[:-5] + b"XXXXX")
+    recovery = recover(base)
+    assert (recovery.snapshot, recovery.snapshot_segment) == (b"2", 2)
+    assert _sends(recovery.records) == ["2-a", "2-b", "tail"] and recovery.skipped_snapshots
+
+
+def test_recover_when_the_process_died_between_snapshot_and_seal_seals_the_covered_segment(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    journal = Journal(base, "none")
+    journal.append(rec.Send(ts=1, id="covered"))
+    journal.sync()
+    write_snapshot(base, journal.segment, b"1", 1)  # ... and the process dies before ``rotate``
+    journal.close()
+    recovery = recover(base)
+    assert recovery.snapshot == b"1" and _sends(recovery.records) == [] and recovery.next_segment == 2
+    assert not base.exists() and [n for n, _ in sealed_segments(base)] == [1]
+    appended = Journal(base, "none", segment=recovery.next_segment)
+    appended.append(rec.Send(ts=2, id="after"))
+    appended.close()
+    assert _sends(recover(base).records) == ["after"]
+
+
+def test_recover_when_a_snapshot_was_torn_ignores_its_temporary_file(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    _journal_with_snapshots(base, 1).close()
+    torn = snapshot_path(base, 2).with_name(snapshot_path(base, 2).name + ".tmp")
+    torn.write_bytes(b"\x85half a snapshot")
+    recovery = recover(base)
+    assert recovery.snapshot == b"1" and not torn.exists()
+
+
+def test_prune_bounds_the_segments_and_keeps_what_the_kept_snapshots_need(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    journal = _journal_with_snapshots(base, 30)
+    removed = prune(base, Retention(keep_snapshots=2, max_segments=5, max_bytes=1 << 30, max_age_s=1e9))
+    journal.close()
+    assert removed
+    assert [n for n, _ in snapshots(base)] == [29, 30]
+    assert [n for n, _ in sealed_segments(base)] == [26, 27, 28, 29, 30]
+    # A corrupt newest snapshot still has what the one before it needs.
+    snapshot_path(base, 30).write_bytes(b"garbage")
+    assert _sends(recover(base).records) == ["29-a", "29-b", "tail"]
+
+
+def test_resume_when_a_restored_window_is_older_than_the_gap_rule_warms_up_again() -> None:
+    manifest = load_manifest(DEFAULT_MODEL)
+    windows = FeatureWindows(("AAA", "BBB"), manifest.window, manifest.features)
+    for m in range(manifest.window):
+        for i in (0, 1):
+            windows.push(i, (m + 1) * 60_000_000_000, 100.0, 101.0, 99.0, 100.0, 10.0, None)
+    restored = FeatureWindows(("AAA", "BBB"), manifest.window, manifest.features)
+    assert restored.load(windows.export()) == [] and restored.restored == {0, 1}
+    last = windows.last_ts[0]
+    assert restored.resume(0, last + 60_000_000_000, 300_000_000_000) is None and restored.full(0)
+    assert restored.resume(1, last + 3600_000_000_000, 300_000_000_000) == 3600_000_000_000
+    assert not restored.full(1) and restored.count[1] == 0
+
+
+async def test_a_restart_trades_on_the_next_minute_without_warming_up(tmp_path: Path) -> None:
+    """Killed or stopped, the daemon comes back with its windows: the first minute after the
+    restart is inferred (without a snapshot it would take 15 minutes of warm-up)."""
+    from broker.sim import BrokerSimulator, SimConfig  # noqa: PLC0415
+
+    symbols = ("AAA", "BBB", "CCC")
+    broker = BrokerSimulator(SimConfig())
+    broker_port = await broker.start()
+    feed = ScriptedFeed()
+    feed_port = await feed.start()
+    config = rig_config(
+        tmp_path,
+        feed_port,
+        broker_port,
+        symbols,
+        signal=SignalConfig(confidence_threshold=0.0),
+        journal=JournalConfig(path=str(tmp_path / "journal.msgpack"), fsync="none", snapshot_interval_s=3600.0),
+    )
+    first = Daemon(config)
+    try:
+        await first.start()
+        rig = Rig(first, feed, broker, await feed.next_connection())
+        seq = await _send_minutes(rig, symbols, range(WINDOW + 2))
+        await wait_for(lambda: first.stats.minute_ends == WINDOW + 2 and first.runtime.idle_event.is_set())
+        assert first.stats.batches >= 1
+        await first.shutdown(deadline_s=1.0)
+        assert [n for n, _ in snapshots(tmp_path / "journal.msgpack")] == [1]
+
+        second = Daemon(config)
+        await second.start()
+        rig = Rig(second, feed, broker, await feed.next_connection())
+        await _send_minutes(rig, symbols, range(WINDOW + 2, WINDOW + 3), seq=seq)
+        await wait_for(lambda: second.stats.minute_ends == 1 and second.runtime.idle_event.is_set())
+        assert second.stats.batches == 1 and second.stats.batch_rows == len(symbols)
+        assert second.stats.bars_warmup == 0
+        await second.shutdown(deadline_s=1.0)
+    finally:
+        await feed.close()
+        await broker.close()
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "journal", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_journal_tool_inspects_verifies_and_counts(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    journal = _journal_with_snapshots(base, 2)
+    wall = 1_700_000_000_000_000_000
+    journal.append(rec.Intent(ts=wall, id="X-1", symbol="IBM", side="buy", qty=5, price=10.0, ts_event=wall))
+    journal.append(rec.Send(ts=wall + 1, id="X-1"))
+    journal.append(rec.Intent(ts=wall + 2, id="X-2", symbol="AIG", side="sell", qty=5, price=10.0, ts_event=wall))
+    journal.close()
+
+    shown = [json.loads(line) for line in _tool("inspect", "--path", str(base), "--symbol", "IBM").stdout.splitlines()]
+    assert [(r["kind"], r["id"]) for r in shown] == [("intent", "X-1"), ("send", "X-1")]
+    sends = _tool("inspect", "--path", str(base), "--kind", "send", "--since", "2023-11-14T22:13:20")
+    assert [json.loads(line)["id"] for line in sends.stdout.splitlines()] == ["X-1"]
+
+    verified = _tool("verify", "--path", str(base))
+    assert verified.returncode == 0 and "3 segments, 2 snapshots: ok" in verified.stdout
+    stats = json.loads(_tool("stats", "--path", str(base)).stdout)
+    assert stats["snapshots"] == [1, 2] and stats["by_kind"]["intent"] == 2
+    assert stats["records_after_newest_snapshot"] == 5  # header, tail send, intent, send, intent
+
+    newest = snapshot_path(base, 2)
+    newest.write_bytes(newest.read_bytes()[:-3] + b"zzz")
+    base.write_bytes(base.read_bytes() + b"\x92\x01")  # and a torn tail
+    broken = _tool("verify", "--path", str(base))
+    assert broken.returncode == 1
+    assert "snapshot.000002" in broken.stdout and "torn tail" in broken.stdout
