@@ -177,6 +177,9 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
             yield from unpacker
 
 
+_RECORD_DECODER = msgspec.msgpack.Decoder(Record)
+
+
 def decode_record(obj: object, path: Path, index: int) -> Record:
     try:
         record: Record = msgspec.convert(obj, Record)
@@ -194,18 +197,27 @@ def recover_journal(path: Path) -> tuple[list[Record], int]:
     """
     if not path.exists():
         return [], 0
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    data = path.read_bytes()
+    # The unpacker only finds where each record ends (``skip``, in C); msgspec decodes each
+    # record's bytes straight into its typed struct, many times faster than converting maps.
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1 << 20))
+    unpacker.feed(data)
+    decode = _RECORD_DECODER.decode
     records: list[Record] = []
     good = 0
-    try:
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 16), b""):
-                unpacker.feed(block)
-                for obj in unpacker:
-                    records.append(decode_record(obj, path, len(records)))
-                    good = unpacker.tell()
-    except (msgpack.UnpackException, ValueError, TypeError) as exc:
-        raise JournalError(str(path), f"read after record {len(records)}", exc) from exc
+    while True:
+        try:
+            unpacker.skip()
+        except msgpack.OutOfData:
+            break
+        except (msgpack.UnpackException, ValueError, TypeError) as exc:
+            raise JournalError(str(path), f"read after record {len(records)}", exc) from exc
+        end = unpacker.tell()
+        try:
+            records.append(decode(data[good:end]))
+        except msgspec.DecodeError as exc:
+            raise JournalError(str(path), f"record {len(records)}", exc) from exc
+        good = end
     if records:
         first = records[0]
         if not isinstance(first, Header):

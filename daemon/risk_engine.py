@@ -157,7 +157,11 @@ class RiskEngine:
         )
 
     def remember_send(self, order: Order, wall: int) -> None:
-        self.recent_sends.append(wall)
+        recent = self.recent_sends
+        recent.append(wall)
+        horizon = wall - self.limits.throttle_window_ns
+        while recent[0] <= horizon:  # only sends inside the throttle window count
+            recent.popleft()
         last_same = self._last_same
         last_same[(order.symbol, order.side, order.qty, order.price)] = wall
         if len(last_same) > 4 * len(self.windows.symbols) + 1024:
