@@ -194,3 +194,25 @@ def test_journal_tool_inspects_verifies_and_counts(tmp_path: Path) -> None:
     broken = _tool("verify", "--path", str(base))
     assert broken.returncode == 1
     assert "snapshot.000002" in broken.stdout and "torn tail" in broken.stdout
+
+
+def test_journal_disk_use_after_100000_orders_is_bounded_by_the_retention_policy(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    journal = Journal(base, "none")
+    retention = Retention(keep_snapshots=2, max_segments=4, max_bytes=1 << 30, max_age_s=1e9)
+    peak = 0
+    for k in range(100_000):
+        oid, ts = f"O-{k}", 1_700_000_000_000_000_000 + k
+        journal.append(rec.Intent(ts=ts, id=oid, symbol="AAA", side="buy", qty=1, price=1.0, ts_event=ts))
+        journal.append(rec.Send(ts=ts, id=oid))
+        journal.append(rec.Report(ts=ts, id=oid, exec_id=f"E{k}", status="filled", last_qty=1, last_px=1.0, cum_qty=1))
+        if k % 5000 == 4999:  # as the daemon's checkpoint does: sync, snapshot, seal, prune
+            journal.sync()
+            write_snapshot(base, journal.segment, b"state", ts)
+            journal.rotate(ts)
+            prune(base, retention)
+            peak = max(peak, sum(p.stat().st_size for p in tmp_path.iterdir()))
+    journal.close()
+    one_segment = sealed_segments(base)[-1][1].stat().st_size
+    assert len(sealed_segments(base)) == 4 and len(snapshots(base)) == 2
+    assert peak <= 6 * one_segment  # four sealed segments, the active one, snapshots: not 20 segments' worth
