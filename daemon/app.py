@@ -296,11 +296,13 @@ class Daemon:
             return False
         if journal.records_in_segment <= 1:
             return False  # nothing since the last snapshot but the segment's header
-        return (
-            time.monotonic() - self._last_snapshot >= jc.snapshot_interval_s
-            or journal.records_in_segment >= jc.snapshot_records
-            or journal.size_bytes() >= jc.snapshot_bytes
-        )
+        if journal.records_in_segment >= jc.snapshot_records or journal.size_bytes() >= jc.snapshot_bytes:
+            return True
+        # By time, only between minutes (nothing waiting or in inference), so a snapshot never
+        # delays a bar on its way to an order.
+        runtime = self.runtime
+        idle = runtime is not None and runtime.idle_event.is_set()
+        return idle and time.monotonic() - self._last_snapshot >= jc.snapshot_interval_s
 
     def checkpoint(self, why: str) -> None:
         """Snapshot everything restore needs, begin a new journal segment, apply the retention
