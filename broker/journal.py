@@ -178,6 +178,16 @@ def _read_file(path: Path) -> Iterator[dict[str, Any]]:
 
 
 _RECORD_DECODER = msgspec.msgpack.Decoder(Record)
+KNOWN_KINDS = frozenset(t.__struct_config__.tag for t in Record.__args__)
+
+
+def _kind_of(data: bytes) -> str | None:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (msgpack.UnpackException, ValueError, TypeError):
+        return None
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def decode_record(obj: object, path: Path, index: int) -> Record:
@@ -188,12 +198,13 @@ def decode_record(obj: object, path: Path, index: int) -> Record:
     return record
 
 
-def recover_journal(path: Path) -> tuple[list[Record], int]:
+def recover_journal(path: Path, unknown: dict[str, int] | None = None) -> tuple[list[Record], int]:
     """Read every complete record as a typed value and cut off a torn tail, so appends start on a
     record boundary.
 
     Returns the records and the number of bytes cut (0 unless the last write was torn). A record
-    that does not decode, or a format this version does not know, raises ``JournalError``.
+    that does not decode, or a format this version does not know, raises ``JournalError``; a
+    record of a kind a newer release added is skipped and counted in ``unknown``.
     """
     if not path.exists():
         return [], 0
@@ -204,6 +215,7 @@ def recover_journal(path: Path) -> tuple[list[Record], int]:
     unpacker.feed(data)
     decode = _RECORD_DECODER.decode
     records: list[Record] = []
+    skipped: dict[str, int] = {}
     good = 0
     while True:
         try:
@@ -216,8 +228,16 @@ def recover_journal(path: Path) -> tuple[list[Record], int]:
         try:
             records.append(decode(data[good:end]))
         except msgspec.DecodeError as exc:
-            raise JournalError(str(path), f"record {len(records)}", exc) from exc
+            kind = _kind_of(data[good:end])
+            if kind is None or kind in KNOWN_KINDS:
+                raise JournalError(str(path), f"record {len(records)}", exc) from exc
+            # A kind a newer release added (this one was rolled back to): it cannot be about
+            # anything this release acts on, so it is skipped, and said.
+            skipped[kind] = skipped.get(kind, 0) + 1
         good = end
+    if unknown is not None:
+        for kind, n in skipped.items():
+            unknown[kind] = unknown.get(kind, 0) + n
     if records:
         first = records[0]
         if not isinstance(first, Header):
@@ -333,6 +353,7 @@ class Recovery:
     next_segment: int  # the number the active segment has, or gets
     skipped_snapshots: list[str] = field(default_factory=list)  # unreadable, newest first
     segments_read: int = 0
+    unknown_kinds: dict[str, int] = field(default_factory=dict)  # skipped: written by a newer release
 
 
 def recover(base: Path) -> Recovery:
@@ -340,6 +361,7 @@ def recover(base: Path) -> Recovery:
     is cut. An active segment the snapshot already covers (a crash between the snapshot and the
     seal) is sealed here, so appends never go into a covered segment."""
     skipped: list[str] = []
+    unknown: dict[str, int] = {}
     body: bytes | None = None
     covered = 0
     if base.parent.is_dir():
@@ -363,14 +385,14 @@ def recover(base: Path) -> Recovery:
         highest = max(highest, number)
         if number <= covered:
             continue
-        part, cut = recover_journal(path)
+        part, cut = recover_journal(path, unknown)
         if cut:
             raise JournalError(str(path), "read", ValueError(f"sealed segment torn ({cut} bytes)"))
         records.extend(part)
         read += 1
     torn = 0
     if base.exists():
-        part, torn = recover_journal(base)
+        part, torn = recover_journal(base, unknown)
         header = part[0] if part else None
         number = header.segment if isinstance(header, Header) else highest + 1
         if header is not None and number <= covered:
@@ -383,8 +405,8 @@ def recover(base: Path) -> Recovery:
             read += 1
             highest = max(highest, number - 1)
             if header is not None:
-                return Recovery(body, covered, records, torn, number, skipped, read)
-    return Recovery(body, covered, records, torn, highest + 1, skipped, read)
+                return Recovery(body, covered, records, torn, number, skipped, read, unknown)
+    return Recovery(body, covered, records, torn, highest + 1, skipped, read, unknown)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,8 @@ class Daemon:
             log.warning("journal_torn_tail", path=str(journal_path), bytes_cut=recovery.torn_bytes)
         for problem in recovery.skipped_snapshots:
             log.error("snapshot_unreadable", detail=problem, action="falling back to the one before")
+        if recovery.unknown_kinds:
+            log.warning("journal_kinds_skipped", kinds=recovery.unknown_kinds, detail="written by a newer release")
         self._journal = Journal(journal_path, jc.fsync, wall_ns=self.clock.wall_ns(), segment=recovery.next_segment)
         self.runtime = runtime = Runtime(cfg, engines, self.clock, self._journal, self.stats)
         desk = runtime.desk

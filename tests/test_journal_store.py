@@ -10,7 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from broker import records as rec
+from broker.errors import JournalError
 from broker.journal import (
     Journal,
     Retention,
@@ -216,3 +219,23 @@ def test_journal_disk_use_after_100000_orders_is_bounded_by_the_retention_policy
     one_segment = sealed_segments(base)[-1][1].stat().st_size
     assert len(sealed_segments(base)) == 4 and len(snapshots(base)) == 2
     assert peak <= 6 * one_segment  # four sealed segments, the active one, snapshots: not 20 segments' worth
+
+
+def test_recover_when_a_newer_release_wrote_a_kind_this_one_does_not_know_skips_it(tmp_path: Path) -> None:
+    import msgpack  # noqa: PLC0415
+
+    base = tmp_path / "journal.msgpack"
+    journal = Journal(base, "none")
+    journal.append(rec.Send(ts=1, id="A"))
+    journal.close()
+    with base.open("ab") as f:
+        f.write(msgpack.packb({"kind": "from_the_future", "ts": 2, "whatever": [1, 2]}))
+    Journal(base, "none").close()
+    appended = Journal(base, "none")
+    appended.append(rec.Send(ts=3, id="B"))
+    appended.close()
+    recovery = recover(base)
+    assert _sends(recovery.records) == ["A", "B"] and recovery.unknown_kinds == {"from_the_future": 1}
+    base.write_bytes(base.read_bytes() + msgpack.packb({"kind": "send", "ts": "not a number", "id": 5}))
+    with pytest.raises(JournalError):
+        recover(base)  # a kind it knows that does not decode is not skipped: it stops the start
