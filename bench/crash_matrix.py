@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -37,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import admin_status, spawn_server
-from broker.crashpoints import ENV, EXIT_CODE
+from bench.rig import daemon_config, spawn_daemon
+from broker.crashpoints import EXIT_CODE
 from broker.journal import read_journal
 from broker.sim import read_orders
 
@@ -80,54 +80,18 @@ class RunResult:
 
 
 def _config(work: Path, feed_port: int, broker_port: int, symbols: list[str]) -> Path:
-    config = work / "tradingd.toml"
-    quoted = ", ".join(f'"{s}"' for s in symbols)
-    config.write_text(
-        f"""
-[feed]
-port = {feed_port}
-reconnect_initial_ms = 20
-reconnect_max_ms = 200
-[universe]
-symbols = [{quoted}]
-[broker]
-port = {broker_port}
-reconnect_initial_ms = 20
-reconnect_max_ms = 200
-[signal]
-confidence_threshold = 0.0
-notional_per_signal = 10000.0
-[risk]
-clock = "feed"
-duplicate_window_ms = 0
-[risk.halt]
-market_share = 1.0
-[metrics]
-enabled = false
-[admin]
-socket = "{work / "admin.sock"}"
-operators = [{os.getuid()}]
-[journal]
-path = "{work / "journal.msgpack"}"
-fsync = "batch"
-snapshot_interval_s = 1.0
-[log]
-level = "warning"
-"""
+    return daemon_config(
+        work,
+        feed_port,
+        broker_port,
+        symbols,
+        risk='clock = "feed"\nduplicate_window_ms = 0\n[risk.halt]\nmarket_share = 1.0',
+        journal='fsync = "batch"\nsnapshot_interval_s = 1.0',
     )
-    return config
 
 
 def _daemon(config: Path, logs: Any, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    if crash_at:
-        env[ENV] = crash_at
-    return subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=logs,
-        env=env,
-    )
+    return spawn_daemon(config, logs, crash_at)
 
 
 def _broker(log: Path, port: int, logs: Any, *extra: str) -> tuple[subprocess.Popen[bytes], int]:

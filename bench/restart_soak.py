@@ -30,6 +30,7 @@ import numpy as np
 
 from bench.crash_matrix import broker_positions
 from bench.harness import admin_status, spawn_server
+from bench.rig import daemon_config, spawn_daemon
 from broker.journal import read_journal, sealed_segments, snapshots
 from broker.sim import read_orders
 
@@ -37,50 +38,18 @@ NS_PER_MIN = 60_000_000_000
 
 
 def _config(work: Path, feed_port: int, broker_port: int, symbols: list[str]) -> Path:
-    quoted = ", ".join(f'"{s}"' for s in symbols)
-    path = work / "tradingd.toml"
-    path.write_text(
-        f"""
-[feed]
-port = {feed_port}
-reconnect_initial_ms = 20
-reconnect_max_ms = 200
-[universe]
-symbols = [{quoted}]
-[broker]
-port = {broker_port}
-reconnect_initial_ms = 20
-reconnect_max_ms = 200
-[signal]
-confidence_threshold = 0.0
-notional_per_signal = 10000.0
-[risk]
-clock = "feed"
-duplicate_window_ms = 0
-throttle_orders = 10000
-[risk.halt]
-market_share = 1.0
-[metrics]
-enabled = false
-[admin]
-socket = "{work / "admin.sock"}"
-operators = [{os.getuid()}]
-[journal]
-path = "{work / "journal.msgpack"}"
-fsync = "batch"
-snapshot_interval_s = 1.0
-max_segments = 20
-[log]
-level = "warning"
-"""
+    return daemon_config(
+        work,
+        feed_port,
+        broker_port,
+        symbols,
+        risk='clock = "feed"\nduplicate_window_ms = 0\nthrottle_orders = 10000\n[risk.halt]\nmarket_share = 1.0',
+        journal='fsync = "batch"\nsnapshot_interval_s = 1.0\nmax_segments = 20',
     )
-    return path
 
 
 def _daemon(config: Path, logs: Any) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)], stdout=subprocess.DEVNULL, stderr=logs
-    )
+    return spawn_daemon(config, logs)
 
 
 def _proc_sample(pid: int) -> tuple[float, int] | None:

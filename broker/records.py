@@ -94,38 +94,32 @@ class Cancel(_Record, frozen=True, tag="cancel"):
     cancel_id: str
 
 
-class HaltRecord(_Record, frozen=True, tag="halt"):
-    symbol: str | None
+class _TradingStateChange(_Record, frozen=True):
+    symbol: str | None  # None: the whole market
     reason: str
     ts_event: int
     close: float | None = None
+
+
+class ReferenceRecord(_TradingStateChange, frozen=True, tag="reference"):
+    """A session's first open, the halt rule's reference where the feed sends no previous close."""
+
+
+class _HaltChange(_TradingStateChange, frozen=True):
     reference: float | None = None
-    uid: int | None = None
+    uid: int | None = None  # the operator's, or None for the rule
 
 
-class ReduceRecord(_Record, frozen=True, tag="reduce"):
-    symbol: str | None
-    reason: str
-    ts_event: int
-    close: float | None = None
-    reference: float | None = None
-    uid: int | None = None
+class HaltRecord(_HaltChange, frozen=True, tag="halt"):
+    pass
 
 
-class LiftRecord(_Record, frozen=True, tag="lift"):
-    symbol: str | None
-    reason: str
-    ts_event: int
-    close: float | None = None
-    reference: float | None = None
-    uid: int | None = None
+class ReduceRecord(_HaltChange, frozen=True, tag="reduce"):
+    pass
 
 
-class ReferenceRecord(_Record, frozen=True, tag="reference"):
-    symbol: str | None
-    reason: str
-    ts_event: int
-    close: float | None = None
+class LiftRecord(_HaltChange, frozen=True, tag="lift"):
+    pass
 
 
 class Kill(_Record, frozen=True, tag="kill"):

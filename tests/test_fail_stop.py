@@ -4,11 +4,9 @@ ends it promptly in every start-up state. Each test runs the real ``tradingd run
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 
 from bench.crash_matrix import synth_csv
 from bench.harness import admin_status, spawn_server
-from broker.crashpoints import ENV
+from bench.rig import daemon_config, spawn_daemon
 from broker.journal import read_journal
 from daemon.errors import EX_SOFTWARE
 
@@ -31,51 +29,22 @@ def _free_port() -> int:
 
 
 def _config(work: Path, feed_port: int, broker_port: int, extra: str = "") -> Path:
-    symbols = ", ".join(f'"S{i:04d}"' for i in range(4))
-    path = work / "tradingd.toml"
-    path.write_text(
-        f"""
-[feed]
-port = {feed_port}
-reconnect_initial_ms = 20
-reconnect_max_ms = 200
-[universe]
-symbols = [{symbols}]
-[broker]
-port = {broker_port}
-reconnect_initial_ms = 20
-reconnect_max_ms = 200
-[signal]
-confidence_threshold = 0.0
-[risk]
-clock = "feed"
-duplicate_window_ms = 0
-[metrics]
-enabled = false
-[admin]
-socket = "{work / "admin.sock"}"
-operators = [{os.getuid()}]
-[journal]
-path = "{work / "journal.msgpack"}"
-[log]
-level = "info"
-{extra}
-"""
+    symbols = [f"S{i:04d}" for i in range(4)]
+    return daemon_config(
+        work,
+        feed_port,
+        broker_port,
+        symbols,
+        signal="confidence_threshold = 0.0",
+        journal="",
+        extra=extra,
+        level="info",
     )
-    return path
 
 
 def _run(config: Path, log: Path, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if k != ENV}
-    if crash_at:
-        env[ENV] = crash_at
     with log.open("ab") as stderr:
-        return subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-            env=env,
-        )
+        return spawn_daemon(config, stderr, crash_at)
 
 
 @pytest.fixture
