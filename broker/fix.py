@@ -96,6 +96,15 @@ SIDES = {wire.Side.BUY: "1", wire.Side.SELL: "2"}
 SIDE_OF = {"1": wire.Side.BUY, "2": wire.Side.SELL}
 
 
+_SEQ_NO = re.compile(r"[0-9]{1,18}")
+
+
+def seq_no(value: str) -> int | None:
+    """A sequence number field as an int, or None unless it is ASCII digits (``str.isdigit`` also
+    takes "²", which ``int`` then refuses)."""
+    return int(value) if _SEQ_NO.fullmatch(value) else None
+
+
 class FixFrameError(ValueError):
     """Bytes that are not a FIX message: the connection cannot be trusted to stay in step."""
 
@@ -415,6 +424,7 @@ class FixGatewayClient:
         self._last_received = self._now()
         if self.reset_on_logon:
             self.store.reset()
+            self._order_seqs.clear()  # numbers from 1 again: the old ones name other messages now
         fields: list[tuple[int, object]] = [(98, "0"), (HEARTBT_INT, self.heartbeat_s)]
         if self.reset_on_logon:
             fields.append((RESET_SEQ_NUM, "Y"))
@@ -518,11 +528,11 @@ class FixGatewayClient:
         self.stats.received += 1
         log.debug("fix_in", message=frame.raw.replace(SOH, b"|").decode(errors="replace"))
         msg_type = text(m, MSG_TYPE)
-        seq_text = text(m, MSG_SEQ_NUM)
-        if not seq_text.isdigit():
+        seq_number = seq_no(text(m, MSG_SEQ_NUM))
+        if seq_number is None:
             self._reject(0, msg_type, 1, "MsgSeqNum (34) missing or not a number")
             return
-        seq = int(seq_text)
+        seq = seq_number
         if text(m, BEGIN_STRING) != self.begin_string:
             self._drop(f"BeginString {text(m, BEGIN_STRING)!r}, expected {self.begin_string}")
             return
@@ -588,15 +598,16 @@ class FixGatewayClient:
             resend.progress_at = self._now()
 
     def _sequence_reset(self, m: simplefix.FixMessage) -> None:
-        new = text(m, NEW_SEQ_NO)
-        if not new.isdigit():
-            self._reject(int(text(m, MSG_SEQ_NUM) or 0), SEQUENCE_RESET, 1, "NewSeqNo (36) missing")
+        new = seq_no(text(m, NEW_SEQ_NO))
+        this = seq_no(text(m, MSG_SEQ_NUM)) or 0
+        if new is None:
+            self._reject(this, SEQUENCE_RESET, 1, "NewSeqNo (36) missing or not a number")
             return
-        if int(new) < self.store.next_in:
-            self._reject(int(text(m, MSG_SEQ_NUM) or 0), SEQUENCE_RESET, 5, "NewSeqNo lower than expected")
+        if new < self.store.next_in:
+            self._reject(this, SEQUENCE_RESET, 5, "NewSeqNo lower than expected")
             return
-        log.info("fix_sequence_reset", gap_fill=text(m, GAP_FILL) == "Y", from_=self.store.next_in, to=int(new))
-        self.store.next_in = int(new)
+        log.info("fix_sequence_reset", gap_fill=text(m, GAP_FILL) == "Y", from_=self.store.next_in, to=new)
+        self.store.next_in = new
         self.store.save()
         self._gap_progress()
 
@@ -673,9 +684,10 @@ class FixGatewayClient:
                 self._reject(seq, other, 11, f"invalid MsgType {other!r}")
 
     def _resend(self, m: simplefix.FixMessage) -> None:
-        begin = int(text(m, BEGIN_SEQ_NO) or 1)
-        end_text = text(m, END_SEQ_NO) or "0"
-        end = int(end_text) if end_text.isdigit() else 0
+        begin, end = seq_no(text(m, BEGIN_SEQ_NO) or "1"), seq_no(text(m, END_SEQ_NO) or "0")
+        if begin is None or end is None:
+            self._reject(seq_no(text(m, MSG_SEQ_NUM)) or 0, RESEND_REQUEST, 5, "BeginSeqNo/EndSeqNo not a number")
+            return
         new_seq = self.store.next_out if end in (0, 999999) or end >= self.store.next_out else end + 1
         # Orders are never replayed: one gap fill covers the range, and open orders are
         # reconciled with OrderStatusRequest instead.
@@ -710,7 +722,7 @@ class FixGatewayClient:
         """A message whose field cannot be used: rejected (its number is consumed), counted,
         logged, and left unapplied; the order's state comes back through reconciliation."""
         self.stats.malformed_fields += 1
-        msg_type, seq = text(m, MSG_TYPE), int(text(m, MSG_SEQ_NUM) or 0)
+        msg_type, seq = text(m, MSG_TYPE), seq_no(text(m, MSG_SEQ_NUM)) or 0
         log.error("fix_field_refused", msg_type=msg_type, seq=seq, tag=exc.tag, value=exc.value[:40], why=exc.problem)
         self.on_event("malformed", f"MsgSeqNum {seq} ({msg_type}): {exc}")
         self.stats.rejects_sent += 1
@@ -776,7 +788,11 @@ class FixGatewayClient:
             reason=text(m, SESSION_REJECT_REASON),
             text=text(m, TEXT),
         )
-        cl_ord_id = self._order_seqs.get(int(ref_seq)) if ref_seq.isdigit() else None
+        ref = seq_no(ref_seq)
+        # Only a reject of a NewOrderSingle of this session ends an order (the table is emptied
+        # whenever the numbering restarts); a reject of anything else is only logged.
+        about_order = text(m, REF_MSG_TYPE) in ("", NEW_ORDER_SINGLE)
+        cl_ord_id = self._order_seqs.get(ref) if ref is not None and about_order else None
         order = self._order(cl_ord_id) if cl_ord_id else None
         if order is not None:
             # The peer refused the order itself (a field it does not accept): the order is over.
@@ -820,7 +836,9 @@ class FixGatewayClient:
         self._status_wanted = set(cl_ord_ids)
         self._status_orders, self._status_unknown = [], []
         if not cl_ord_ids:
-            self._finish_status("no open orders")
+            # Answered at once, but after send() returns, as an answer off the wire would be:
+            # the caller records that it asked before it hears the answer.
+            asyncio.get_running_loop().call_soon(self._finish_status, "no open orders")
             return True
         for cl_ord_id in cl_ord_ids:
             known = self._order(cl_ord_id)

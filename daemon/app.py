@@ -86,6 +86,7 @@ class Daemon:
         self._last_snapshot = time.monotonic()
         self.fatal: str | None = None  # set by fail_stop: why the daemon stopped itself
         self.start_interrupted = False  # a stop came before start-up finished
+        self._shut_down = False
         self.snapshot: Snapshot | None = None
 
     async def start(self, on_status: Callable[[str], None] = lambda _: None) -> None:
@@ -167,7 +168,9 @@ class Daemon:
             if desk.on_status(message):
                 reconciled.set()
 
-        backoff = Backoff(b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000)
+        backoff = Backoff(
+            b.reconnect_initial_ms / 1000, b.reconnect_max_ms / 1000, connect_timeout_s=b.connect_timeout_ms / 1000
+        )
         if b.protocol == "native":
             self.gateway = GatewayClient(
                 b.host,
@@ -199,6 +202,7 @@ class Daemon:
                 status_timeout_s=fx.status_timeout_s,
                 reset_on_logon=fx.reset_on_logon,
                 accept_peer_reset=fx.accept_peer_reset,
+                logon_timeout_s=fx.logon_timeout_s,
                 mono_ns=self.clock.mono_ns,
                 wall_ns=self.clock.wall_ns,
                 known_order=desk.sent_order,
@@ -221,7 +225,9 @@ class Daemon:
             f.host,
             f.port,
             f.max_frame_bytes,
-            Backoff(f.reconnect_initial_ms / 1000, f.reconnect_max_ms / 1000),
+            Backoff(
+                f.reconnect_initial_ms / 1000, f.reconnect_max_ms / 1000, connect_timeout_s=f.connect_timeout_ms / 1000
+            ),
             runtime.on_feed_event,
             self.clock.mono_ns,
         )
@@ -488,7 +494,11 @@ class Daemon:
         await self._stop.wait()
 
     async def shutdown(self, deadline_s: float = 5.0) -> None:
-        """Stop intake, finish the waiting batch and its orders, close connections and files."""
+        """Stop intake, finish the waiting batch and its orders, close connections and files.
+        A second call does nothing."""
+        if self._shut_down:
+            return
+        self._shut_down = True
         self.notifier.stopping()
         if self._feed is not None:
             self._feed.stop()

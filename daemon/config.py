@@ -46,6 +46,9 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class FeedConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
+    # A connect the peer does not complete in this long (it takes the SYN and never answers)
+    # fails and is retried after the backoff delay.
+    connect_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=600_000)] = 2000
     port: Port = 7001
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
     reconnect_initial_ms: Millis = 50
@@ -164,6 +167,8 @@ class FixConfig(_Section, frozen=True):
     status_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 2.0
     reset_on_logon: bool = False
     accept_peer_reset: bool = False
+    # A peer that takes the connection and never answers the Logon is dropped and retried.
+    logon_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
 
 
 class BrokerConfig(_Section, frozen=True):
@@ -173,6 +178,7 @@ class BrokerConfig(_Section, frozen=True):
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=64, le=1 << 24)] = 1 << 20
     reconnect_initial_ms: Millis = 50
     reconnect_max_ms: Millis = 5000
+    connect_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=600_000)] = 2000  # as feed.connect_timeout_ms
     fix: FixConfig = FixConfig()
 
 

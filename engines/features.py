@@ -51,11 +51,11 @@ def _log_body(o: float, h: float, lo: float, c: float, v: float, pc: float) -> f
 
 
 def _upper_wick(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return _log_ratio(h, max(o, c))
+    return _log_ratio(h, max(o, c) + 0.0)  # + 0.0: -0.0 becomes 0.0, as in the vector form
 
 
 def _lower_wick(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
-    return _log_ratio(min(o, c), lo)
+    return _log_ratio(min(o, c) + 0.0, lo)
 
 
 def _log_volume(o: float, h: float, lo: float, c: float, v: float, pc: float) -> float:
@@ -101,8 +101,8 @@ def feature_array(names: tuple[str, ...], ohlcv: npt.NDArray[np.float64]) -> Flo
             "log_return": np.where(pc > 0.0, np.log(c / np.where(pc > 0.0, pc, 1.0)), 0.0),
             "log_range": np.log(h / lo),
             "log_body": np.log(c / o),
-            "upper_wick": np.log(h / np.maximum(o, c)),
-            "lower_wick": np.log(np.minimum(o, c) / lo),
+            "upper_wick": np.log(h / (np.maximum(o, c) + 0.0)),
+            "lower_wick": np.log((np.minimum(o, c) + 0.0) / lo),
             "log_volume": np.log1p(v),
         }
     unknown = [n for n in names if n not in cols]

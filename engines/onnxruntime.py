@@ -7,6 +7,7 @@ ONNX Runtime releases the GIL while it runs.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -33,6 +34,9 @@ class OnnxRuntimeEngine:
 
     def __init__(self, spec: EngineSpec) -> None:
         try:
+            # ONNX Runtime would otherwise report usage over the network (and touch a cache as
+            # root): a trading daemon sends nothing anywhere it was not told to.
+            os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
             import onnxruntime as ort  # noqa: PLC0415 - backend-only import
         except ImportError as exc:
             raise BackendUnavailableError(f"onnxruntime is not installed: {exc}") from exc

@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -551,3 +551,71 @@ async def test_logon_when_the_peer_never_answers_it_drops_the_connection_and_tri
         await asyncio.wait_for(task, 2)
     finally:
         await acceptor.close()
+
+
+async def test_status_request_when_no_order_is_open_is_answered_only_after_send_returns(tmp_path: Path) -> None:
+    """The desk records that it asked when send() returns; an answer inside send() came unasked."""
+    statuses: list[wire.Status] = []
+    async with session(tmp_path) as (_, client, _):
+        client.on_status = statuses.append
+        assert client.send(wire.StatusRequest([], 0))
+        assert statuses == []
+        await wait_for(lambda: bool(statuses), what="the answer")
+        (status,) = statuses
+        assert status.orders == [] and status.unknown == [] and status.positions is None
+
+
+def _raw(msg_type: str, seq: bytes, *fields: tuple[int, bytes]) -> bytes:
+    m = simplefix.FixMessage()
+    m.append_pair(8, "FIX.4.4", header=True)
+    m.append_pair(35, msg_type, header=True)
+    m.append_pair(49, "EXECUTOR", header=True)
+    m.append_pair(56, "TRADINGD", header=True)
+    m.append_pair(34, seq, header=True)
+    m.append_utc_timestamp(52, precision=3, header=True)
+    for tag, value in fields:
+        m.append_pair(tag, value)
+    return bytes(m.encode())
+
+
+@pytest.mark.parametrize(
+    "garbled",
+    [
+        lambda seq: fix("2", seq, (7, "abc"), (16, 0)),  # ResendRequest with a BeginSeqNo that is not a number
+        lambda seq: _raw("0", "²".encode()),  # a MsgSeqNum that str.isdigit accepts and int refuses
+        lambda seq: _raw("4", str(seq).encode(), (36, "²".encode())),  # the same in SequenceReset's NewSeqNo
+    ],
+    ids=["resend begin", "msg seq num", "new seq no"],
+)
+async def test_a_garbled_sequence_field_is_rejected_and_never_raises_into_the_loop(
+    tmp_path: Path, garbled: Callable[[int], bytes]
+) -> None:
+    errors: list[object] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context.get("exception")))
+    async with session(tmp_path) as (acceptor, client, _):
+        rejects = len(acceptor.of_type("3"))
+        acceptor.send(garbled(acceptor.next_seq))
+        await wait_for(lambda: len(acceptor.of_type("3")) > rejects, what="a session Reject")
+        assert errors == [] and client.connected
+
+
+async def test_a_session_reject_of_another_message_never_rejects_an_order_from_an_earlier_numbering(
+    tmp_path: Path,
+) -> None:
+    async with session(tmp_path, reset_on_logon=True) as (acceptor, client, seen):
+        assert client.send(wire.NewOrder("N-1", "AAA", wire.Side.BUY, 10, 12.5, 0))
+        await wait_for(lambda: bool(acceptor.of_type("D")), what="order")
+        order_seq = int(text(acceptor.of_type("D")[0], 34))
+        acceptor.send(
+            fix("8", acceptor.next_seq, (37, "O1"), (17, "E1"), (150, "0"), (39, "0"), (11, "N-1"), (55, "AAA"),
+                (54, "1"), (14, 0), (151, 10))
+        )  # fmt: skip
+        await wait_for(lambda: len(seen.reports) == 1, what="ack")
+        acceptor.writers[-1].close()  # the connection drops; the numbering restarts at the new logon
+        acceptor.next_seq = 1
+        await wait_for(lambda: acceptor.logons == 2 and client.connected, what="logon again")
+        while client.store.next_out <= order_seq:
+            client._send("0", [])  # heartbeats: the old order's number now names one of them
+        acceptor.send(fix("3", acceptor.next_seq, (45, order_seq), (372, "0"), (373, 1), (58, "not that heartbeat")))
+        await asyncio.sleep(0.3)
+        assert [r.status for r in seen.reports] == ["new"]
