@@ -35,8 +35,10 @@ class OnnxRuntimeEngine:
     def __init__(self, spec: EngineSpec) -> None:
         try:
             # ONNX Runtime would otherwise report usage over the network (and touch a cache as
-            # root): a trading daemon sends nothing anywhere it was not told to.
+            # root): a trading daemon sends nothing anywhere it was not told to. Releases have
+            # read one name or the other.
             os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+            os.environ.setdefault("ORT_TELEMETRY_DISABLED", "1")
             import onnxruntime as ort  # noqa: PLC0415 - backend-only import
         except ImportError as exc:
             raise BackendUnavailableError(f"onnxruntime is not installed: {exc}") from exc
