@@ -25,6 +25,12 @@ from engines.errors import BackendUnavailableError, EngineError, ManifestError, 
 # The export extra's default buckets, without importing torch to print --help.
 DEFAULT_BUCKETS = (1, 8, 32, 64, 128, 256)
 
+# --help is read as plain text in a terminal, so no reStructuredText here (unlike docstrings).
+DESCRIPTION = (
+    "tradingd: a low-latency inference trading daemon. Minute bars in over TCP, a signal model on "
+    "TensorRT or ONNX Runtime, risk-gated orders out to the broker. Each command has its own --help."
+)
+
 if TYPE_CHECKING:
     from broker.sim import BrokerSimulator
     from daemon.feed.replay import ReplayServer
@@ -110,6 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.app import Daemon  # noqa: PLC0415
     from daemon.config import config_digest, load_config  # noqa: PLC0415
     from daemon.sdnotify import Notifier  # noqa: PLC0415
+    from daemon.version import build_info  # noqa: PLC0415
 
     config = load_config(Path(args.config))
     configure_logging(config.log.level)
@@ -125,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=sorted(os.sched_getaffinity(0)),
         loop=args.loop,
         pid=os.getpid(),
+        **build_info().fields(),
     )
 
     async def main() -> int:
@@ -368,9 +376,38 @@ def cmd_model_build_plan(args: argparse.Namespace) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: worked out only when asked for (it reads package metadata and may ask git)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from daemon.version import build_info  # noqa: PLC0415
+
+        print(build_info().render())
+        parser.exit()
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    # A subcommand's own --help opens with the line the command list shows for it.
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                subparser = action.choices[choice.dest]
+                if subparser.description is None and choice.help:
+                    subparser.description = choice.help[0].upper() + choice.help[1:] + "."
+                _describe_subcommands(subparser)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tradingd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="tradingd", description=DESCRIPTION)
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version, the git commit it was built from and the runtime libraries' versions, and exit",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("run", help="run the daemon")
     p.add_argument("--config", required=True, help="TOML configuration file")
@@ -504,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mib", type=int, default=1024)
     p.add_argument("--fp16", action="store_true", help="allow fp16 kernels (TensorRT 10 only)")
     p.set_defaults(func=cmd_model_build_plan)
+    _describe_subcommands(parser)
     return parser
 
 

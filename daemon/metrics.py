@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from daemon.feed.protocol import RejectReason
 from daemon.stats import LatencyRecorder, Stats
+from daemon.version import build_info
 from risk.failover import FailoverReason
 from risk.gates import DenyReason
 
@@ -64,9 +65,15 @@ class StatsCollector(Collector):
         self._desk_state = desk_state
         self._gpu = gpu
         self._journal_bytes = journal_bytes
+        self._build = build_info().fields()
 
     def collect(self) -> Iterator[Any]:
         s = self._stats
+        yield InfoMetricFamily(
+            "tradingd_build",
+            "The running build: version, git commit, and the ONNX Runtime, numpy, TensorRT and cuda-bindings in use",
+            value=self._build,
+        )
         yield _counter(
             "tradingd_bars",
             "Bars by outcome",

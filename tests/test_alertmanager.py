@@ -110,6 +110,8 @@ def test_every_alert_rule_routes_critical_to_page_and_warning_to_email(am_tools:
     severity = {rule["alert"]: rule["labels"]["severity"] for rule in rules}
     assert set(severity.values()) == {"critical", "warning"}
     assert {name for name, level in severity.items() if level == "critical"} >= PAGED
+    # The SMS gateway texts the summary: with the instance, it fits in one 160-character SMS.
+    assert all(len(rule["annotations"]["summary"]) <= 80 for rule in rules)
     for name, level in severity.items():
         routed = subprocess.run(
             [
@@ -266,8 +268,8 @@ async def _until(check: Callable[[], Any], what: str, log: Path, timeout: float 
 async def test_a_halt_from_the_admin_cli_pages_by_webhook_and_email_through_the_real_alertmanager(
     tmp_path: Path, alertmanager: Alertmanager, prom_tools: Path
 ) -> None:
-    """Then a market halt inhibits the symbol halt, the kill switch inhibits the market halt,
-    and lifting them sends the resolved page."""
+    """And a market halt holds back the symbol-halt alert, the kill switch holds back the
+    market halt's, each pages once, and lifting them sends the resolved page."""
     hook, mail = WebhookSink(), SmtpSink()
     loop = asyncio.get_running_loop()
     smtp = await loop.create_server(lambda: SMTP(mail, hostname="127.0.0.1"), "127.0.0.1", 0)
