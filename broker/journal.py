@@ -29,7 +29,7 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -356,7 +356,7 @@ class Recovery:
     unknown_kinds: dict[str, int] = field(default_factory=dict)  # skipped: written by a newer release
 
 
-def recover(base: Path) -> Recovery:
+def recover(base: Path, accept: Callable[[bytes], object] | None = None) -> Recovery:
     """The newest readable snapshot and every record after it; a torn tail of the active segment
     is cut. An active segment the snapshot already covers (a crash between the snapshot and the
     seal) is sealed here, so appends never go into a covered segment."""
@@ -377,14 +377,27 @@ def recover(base: Path) -> Recovery:
             skipped.append(f"{path}: names segment {covered}")
             body, covered = None, 0
             continue
+        if accept is not None:
+            try:
+                accept(body)  # a body this release cannot take (a newer release's) falls back too
+            except Exception as exc:
+                skipped.append(f"{path}: {type(exc).__name__}: {exc}")
+                body, covered = None, 0
+                continue
         break
     records: list[Record] = []
     read = 0
     highest = covered
+    expected = covered + 1  # the chain must run unbroken from the snapshot to the active segment
     for number, path in sealed_segments(base):
         highest = max(highest, number)
         if number <= covered:
             continue
+        if number != expected:
+            raise JournalError(
+                str(base), "recover", ValueError(f"segment {expected} is missing (next on disk: {number})")
+            )
+        expected += 1
         part, cut = recover_journal(path, unknown)
         if cut:
             raise JournalError(str(path), "read", ValueError(f"sealed segment torn ({cut} bytes)"))
@@ -395,6 +408,10 @@ def recover(base: Path) -> Recovery:
         part, torn = recover_journal(base, unknown)
         header = part[0] if part else None
         number = header.segment if isinstance(header, Header) else highest + 1
+        if header is not None and number > covered and number != expected:
+            raise JournalError(
+                str(base), "recover", ValueError(f"active segment is {number}, segment {expected} is missing")
+            )
         if header is not None and number <= covered:
             # The snapshot covers it: seal it as it is (its records are in the snapshot).
             os.rename(base, sealed_path(base, number))

@@ -123,7 +123,7 @@ class Daemon:
         jc = cfg.journal
         journal_path = Path(jc.path)
         started = time.monotonic()
-        recovery = await asyncio.to_thread(recover, journal_path)
+        recovery = await asyncio.to_thread(recover, journal_path, snapshot.decode)
         if recovery.torn_bytes:
             log.warning("journal_torn_tail", path=str(journal_path), bytes_cut=recovery.torn_bytes)
         for problem in recovery.skipped_snapshots:

@@ -116,6 +116,7 @@ class OrderDesk:
             match r:
                 case rec.Start():
                     orders.session = max(orders.session, r.session + 1)
+                    self.windows.mark_restored()
                 case rec.Intent() if order is None:
                     book.add(Order(r.id, r.symbol, wire.Side(r.side), r.qty, r.price, r.ts_event, 0))
                 case rec.Denied() if order is not None and order.state in (OrderState.INTENT, OrderState.PARKED):
@@ -137,6 +138,10 @@ class OrderDesk:
                     orders.restore_report(r)
                 case rec.Cancel() if order is not None:
                     orders.restore_cancel(order)
+                case rec.HaltRecord() | rec.ReduceRecord() | rec.LiftRecord() | rec.ReferenceRecord() if (
+                    r.symbol is not None and r.symbol not in risk.halts.state
+                ):
+                    self.stats.restore_skipped += 1  # a symbol no longer in the universe
                 case rec.HaltRecord() | rec.ReduceRecord() | rec.LiftRecord():
                     risk.halts.restore(HaltEvent(_HALT_ACTION[type(r)], r.symbol, r.ts_event, r.reason, r.close))
                 case rec.ReferenceRecord():
@@ -160,10 +165,13 @@ class OrderDesk:
         ts = np.frombuffer(r.bar_ts, dtype="<i8")
         ohlcv = np.frombuffer(r.ohlcv, dtype="<f8").reshape(len(ts), 5)
         prev = np.frombuffer(r.prev_close, dtype="<f8")
+        max_gap_ns = int(self.config.journal.window_max_gap_s * 1e9)
         for k, symbol in enumerate(r.symbols):
             i = index.get(symbol)
             if i is None:
                 continue
+            if windows.restored and i in windows.restored:
+                windows.resume(i, int(ts[k]), max_gap_ns)  # the live process's rule, replayed
             o, h, lo, c, v = (float(x) for x in ohlcv[k])
             pc = float(prev[k])
             windows.push(i, int(ts[k]), o, h, lo, c, v, None if math.isnan(pc) else pc)
@@ -232,6 +240,7 @@ class OrderDesk:
         return self.windows.load(state.windows)
 
     def begin_session(self) -> None:
+        self.windows.mark_restored()  # this process's first bar of each symbol checks its gap
         wall = self.clock.wall_ns()
         self.journal.append(rec.Start(ts=wall, session=self.orders.session, after_fail_stop=self.fail_stopped))
         if self.fail_stopped:

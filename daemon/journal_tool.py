@@ -44,7 +44,7 @@ def _segments(base: Path) -> list[tuple[str, Path]]:
 def _records(path: Path) -> Iterator[tuple[dict[str, Any] | None, int, int]]:
     """(record map, or None for bytes that are not a record; offset; size) through one file."""
     data = path.read_bytes()
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(data), 1 << 20))
     unpacker.feed(data)
     start = 0
     while True:
@@ -62,12 +62,20 @@ def _records(path: Path) -> Iterator[tuple[dict[str, Any] | None, int, int]]:
         yield None, start, len(data) - start  # a torn tail
 
 
+def _ts(record: dict[str, Any]) -> int:
+    ts = record.get("ts", 0)
+    return ts if isinstance(ts, int) else 0
+
+
 def _when(text: str | None) -> int | None:
     if text is None:
         return None
     if text.isdigit():
         return int(text)
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise SystemExit(f"tradingd journal: {text!r} is not a time (ISO 8601, or epoch ns)") from exc
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1e9)
@@ -78,7 +86,7 @@ def _printable(record: dict[str, Any]) -> dict[str, Any]:
     if record.get("kind") == "bars":
         symbols = record.get("symbols") or []
         out = {"kind": "bars", "ts": record.get("ts"), "bars": len(symbols), "symbols": symbols[:20]}
-    out["time"] = datetime.fromtimestamp(int(record.get("ts", 0)) / 1e9, UTC).isoformat()
+    out["time"] = datetime.fromtimestamp(_ts(record) / 1e9, UTC).isoformat()
     return out
 
 
@@ -94,7 +102,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if record is None:
                 print(f"tradingd journal: {path} at byte {offset}: not a record (torn tail?)", file=sys.stderr)
                 break
-            kind, ts = record.get("kind"), int(record.get("ts", 0))
+            kind, ts = record.get("kind"), _ts(record)
             if kind == "intent":
                 symbol_of[str(record.get("id"))] = str(record.get("symbol"))
             if kinds and kind not in kinds:
@@ -182,7 +190,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             if record is None:
                 break
             kinds[str(record.get("kind"))] += 1
-            ts = int(record.get("ts", 0))
+            ts = _ts(record)
             if record.get("kind") != "header":
                 first = ts if first is None else min(first, ts)
                 last = ts if last is None else max(last, ts)

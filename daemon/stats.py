@@ -141,6 +141,7 @@ class Stats:
     fail_stops: int = 0
     windows_stale: int = 0  # restored windows too old for the next bar: warming up again
     snapshots: int = 0
+    restore_skipped: int = 0  # journal records about symbols no longer in the universe
     sends_failed: int = 0  # orders the gateway could not write (closed as never sent)
     broker_connects: int = 0
     reconcile_differences: int = 0

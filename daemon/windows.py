@@ -96,13 +96,22 @@ class FeatureWindows:
 
     def resume(self, i: int, ts: int, max_gap_ns: int) -> int | None:
         """The first bar of a restored symbol: if its window's last bar is more than ``max_gap_ns``
-        older, the window is stale and is reset; returns the gap then, else None."""
-        self.restored.discard(i)
+        older, the window is stale and is reset; returns the gap then, else None. A bar not after
+        the window's last (a feed repeating itself on reconnect) decides nothing: the symbol stays
+        restored until a newer bar comes."""
         last = self.last_ts[i]
+        if ts <= last:
+            return None
+        self.restored.discard(i)
         if self.count[i] and ts - last > max_gap_ns:
             self.reset(i)
             return ts - last
         return None
+
+    def mark_restored(self) -> None:
+        """A process boundary in the journal: every symbol with bars is restored again, so the
+        replay applies the same gap rule the live process applied at its first bar."""
+        self.restored = {i for i, n in enumerate(self.count) if n}
 
     def gather(self, symbols: IntArray, out: npt.NDArray[np.float32]) -> None:
         """Write the normalised windows of ``symbols`` (oldest bar first) into ``out`` [n, W, F]."""

@@ -239,3 +239,104 @@ def test_recover_when_a_newer_release_wrote_a_kind_this_one_does_not_know_skips_
     base.write_bytes(base.read_bytes() + msgpack.packb({"kind": "send", "ts": "not a number", "id": 5}))
     with pytest.raises(JournalError):
         recover(base)  # a kind it knows that does not decode is not skipped: it stops the start
+
+
+# -- found by an adversarial review ------------------------------------------------------------
+
+
+def test_recover_when_a_segment_in_the_chain_is_missing_refuses_instead_of_rebuilding_part_of_it(
+    tmp_path: Path,
+) -> None:
+    base = tmp_path / "journal.msgpack"
+    _journal_with_snapshots(base, 4).close()
+    for _, path in snapshots(base):
+        path.unlink()  # no snapshot to start from: every segment from 1 is needed
+    sealed_segments(base)[1][1].unlink()
+    with pytest.raises(JournalError, match="segment 2 is missing"):
+        recover(base)
+
+
+def test_recover_when_the_newest_snapshot_cannot_be_taken_falls_back_to_the_one_before(tmp_path: Path) -> None:
+    base = tmp_path / "journal.msgpack"
+    _journal_with_snapshots(base, 3).close()
+
+    def accept(body: bytes) -> None:
+        if body == b"3":
+            raise ValueError("snapshot state format 9; this build reads 1")
+
+    recovery = recover(base, accept)
+    assert recovery.snapshot == b"2" and _sends(recovery.records) == ["2-a", "2-b", "tail"]
+    assert "format 9" in recovery.skipped_snapshots[0]
+
+
+def _windows() -> FeatureWindows:
+    manifest = load_manifest(DEFAULT_MODEL)
+    return FeatureWindows(("AAA",), manifest.window, manifest.features)
+
+
+def _bars(ts: int) -> rec.Bars:
+    import numpy as np  # noqa: PLC0415
+
+    return rec.Bars(
+        ts=ts,
+        symbols=["AAA"],
+        bar_ts=np.array([ts], dtype="<i8").tobytes(),
+        ohlcv=np.array([[100.0, 101.0, 99.0, 100.0, 10.0]], dtype="<f8").tobytes(),
+        prev_close=np.array([float("nan")], dtype="<f8").tobytes(),
+    )
+
+
+def test_restore_replays_the_gap_rule_so_a_window_reset_before_a_crash_stays_reset(tmp_path: Path) -> None:
+    from daemon.clock import FakeClock  # noqa: PLC0415
+    from daemon.config import Config, UniverseConfig  # noqa: PLC0415
+    from daemon.desk import OrderDesk  # noqa: PLC0415
+    from daemon.stats import Stats  # noqa: PLC0415
+
+    minute = 60_000_000_000
+    full = _windows()
+    for m in range(full.window):
+        full.push(0, (m + 1) * minute, 100.0, 101.0, 99.0, 100.0, 10.0, None)
+    desk = OrderDesk(
+        Config(universe=UniverseConfig(symbols=("AAA",))),
+        _windows(),
+        FakeClock(),
+        Journal(tmp_path / "j", "none"),
+        Stats(),
+    )
+    from daemon import snapshot  # noqa: PLC0415
+
+    state = desk.snapshot()
+    state = snapshot.State(**{**{f: getattr(state, f) for f in state.__struct_fields__}, "windows": full.export()})
+    desk.load(state)
+    # The live process after the snapshot: its first bar came a day later and reset the window;
+    # then it crashed. The replay must reach the same state.
+    late = full.last_ts[0] + 24 * 60 * minute
+    desk.restore([rec.Start(ts=late, session=2), _bars(late)])
+    assert desk.windows.count[0] == 1 and not desk.windows.full(0)
+
+
+def test_resume_when_the_first_bar_repeats_the_last_keeps_checking_the_next() -> None:
+    windows = _windows()
+    for m in range(windows.window):
+        windows.push(0, (m + 1) * 60_000_000_000, 100.0, 101.0, 99.0, 100.0, 10.0, None)
+    windows.mark_restored()
+    last = windows.last_ts[0]
+    assert windows.resume(0, last, 300_000_000_000) is None and 0 in windows.restored  # a repeat decides nothing
+    assert windows.resume(0, last + 86_400_000_000_000, 300_000_000_000) is not None and windows.count[0] == 0
+
+
+def test_restore_when_a_halt_names_a_symbol_no_longer_traded_skips_it(tmp_path: Path) -> None:
+    from daemon.clock import FakeClock  # noqa: PLC0415
+    from daemon.config import Config, UniverseConfig  # noqa: PLC0415
+    from daemon.desk import OrderDesk  # noqa: PLC0415
+    from daemon.stats import Stats  # noqa: PLC0415
+
+    desk = OrderDesk(
+        Config(universe=UniverseConfig(symbols=("AAA",))),
+        _windows(),
+        FakeClock(),
+        Journal(tmp_path / "j", "none"),
+        Stats(),
+    )
+    desk.restore([rec.HaltRecord(ts=1, symbol="GONE", reason="moved", ts_event=1)])
+    assert desk.stats.restore_skipped == 1 and desk.halts.halted_symbols() == []
