@@ -210,6 +210,7 @@ class OrderDesk:
             feed_now=risk.feed_now,
             recent_sends=list(risk.recent_sends),
             windows=self.windows.export(),
+            last_same=risk.recent_same(),
         )
 
     def load(self, state: snap.State) -> list[str]:
@@ -237,6 +238,7 @@ class OrderDesk:
         self.engine_active = state.engine_active
         risk.feed_now = state.feed_now
         risk.recent_sends.extend(state.recent_sends)
+        risk.load_same(state.last_same)
         return self.windows.load(state.windows)
 
     def begin_session(self) -> None:

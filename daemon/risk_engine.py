@@ -169,6 +169,15 @@ class RiskEngine:
             horizon = wall - self.limits.duplicate_window_ns
             self._last_same = {k: ts for k, ts in last_same.items() if ts > horizon}
 
+    def recent_same(self) -> list[tuple[str, str, int, float, int]]:
+        """The sends still inside the duplicate window (for a snapshot)."""
+        horizon = self.clock.wall_ns() - self.limits.duplicate_window_ns
+        return [(s, side, q, p, ts) for (s, side, q, p), ts in self._last_same.items() if ts > horizon]
+
+    def load_same(self, entries: list[tuple[str, str, int, float, int]]) -> None:
+        for symbol, side, qty, price, ts in entries:
+            self._last_same[(symbol, side, qty, price)] = ts
+
     @staticmethod
     def parked(order: Order, wall: int, expires: int) -> Parked:
         return Parked(

@@ -51,6 +51,8 @@ class State(msgspec.Struct, frozen=True):
     feed_now: int
     recent_sends: list[int]
     windows: WindowsState
+    # Sends inside the duplicate window: (symbol, side, qty, price, wall ns).
+    last_same: list[tuple[str, str, int, float, int]] = []
 
 
 def encode(state: State) -> bytes:

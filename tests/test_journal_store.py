@@ -340,3 +340,20 @@ def test_restore_when_a_halt_names_a_symbol_no_longer_traded_skips_it(tmp_path: 
     )
     desk.restore([rec.HaltRecord(ts=1, symbol="GONE", reason="moved", ts_event=1)])
     assert desk.stats.restore_skipped == 1 and desk.halts.halted_symbols() == []
+
+
+def test_a_snapshot_keeps_the_duplicate_window_across_a_clean_restart(tmp_path: Path) -> None:
+    from broker import protocol as wire  # noqa: PLC0415
+    from broker.orders import Order  # noqa: PLC0415
+    from daemon.clock import FakeClock  # noqa: PLC0415
+    from daemon.config import Config, UniverseConfig  # noqa: PLC0415
+    from daemon.desk import OrderDesk  # noqa: PLC0415
+    from daemon.stats import Stats  # noqa: PLC0415
+
+    clock, config = FakeClock(), Config(universe=UniverseConfig(symbols=("AAA",)))
+    first = OrderDesk(config, _windows(), clock, Journal(tmp_path / "a", "none"), Stats())
+    order = Order("A-1", "AAA", wire.Side.BUY, 10, 100.0, 0, 0)
+    first.risk.remember_send(order, clock.wall_ns())
+    second = OrderDesk(config, _windows(), clock, Journal(tmp_path / "b", "none"), Stats())
+    second.load(first.snapshot())
+    assert second.risk.recent_same() == [("AAA", "buy", 10, 100.0, clock.wall_ns())]
