@@ -47,6 +47,18 @@ def _run(config: Path, log: Path, crash_at: str | None = None) -> subprocess.Pop
         return spawn_daemon(config, stderr, crash_at)
 
 
+def _hang(stall_s: float) -> str:
+    """The third batch's inference takes a minute: an inference that never comes back."""
+    return f"""
+[process]
+stall_s = {stall_s}
+[engine.primary.inject]
+kind = "latency"
+after_batches = 2
+latency_ms = 60000.0
+"""
+
+
 @pytest.fixture
 def peers(tmp_path: Path) -> Iterator[tuple[int, int]]:
     """A broker simulator and a replay feed of a synthetic universe, as their own processes."""
@@ -99,15 +111,7 @@ def test_an_inference_that_never_returns_fail_stops_instead_of_looking_healthy(
     tmp_path: Path, peers: tuple[int, int]
 ) -> None:
     feed_port, broker_port = peers
-    hang = """
-[process]
-stall_s = 1.0
-[engine.primary.inject]
-kind = "latency"
-after_batches = 2
-latency_ms = 60000.0
-"""
-    config, log = _config(tmp_path, feed_port, broker_port, hang), tmp_path / "daemon.log"
+    config, log = _config(tmp_path, feed_port, broker_port, _hang(stall_s=1.0)), tmp_path / "daemon.log"
     daemon = _run(config, log)
     started = time.monotonic()
     assert daemon.wait(timeout=90) == EX_SOFTWARE
@@ -169,15 +173,7 @@ def test_sigterm_during_an_inference_that_never_returns_exits_70_within_the_dead
     tmp_path: Path, peers: tuple[int, int]
 ) -> None:
     feed_port, broker_port = peers
-    hang = """
-[process]
-stall_s = 300.0
-[engine.primary.inject]
-kind = "latency"
-after_batches = 2
-latency_ms = 60000.0
-"""
-    config, log = _config(tmp_path, feed_port, broker_port, hang), tmp_path / "daemon.log"
+    config, log = _config(tmp_path, feed_port, broker_port, _hang(stall_s=300.0)), tmp_path / "daemon.log"
     daemon = _run(config, log)
     deadline = time.monotonic() + 60
     while '"event":"started"' not in log.read_text():
