@@ -190,14 +190,6 @@ def _kind_of(data: bytes) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def decode_record(obj: object, path: Path, index: int) -> Record:
-    try:
-        record: Record = msgspec.convert(obj, Record)
-    except msgspec.ValidationError as exc:
-        raise JournalError(str(path), f"record {index}", exc) from exc
-    return record
-
-
 def recover_journal(path: Path, unknown: dict[str, int] | None = None) -> tuple[list[Record], int]:
     """Read every complete record as a typed value and cut off a torn tail, so appends start on a
     record boundary.

@@ -279,7 +279,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         orders = runtime.desk.orders
         while not self._stop.is_set():
-            self.publish()
+            if self._metrics_server is not None:
+                self.publish()  # what a scrape falls back to when the loop cannot answer in time
             asked = orders.status_asked_ns
             if asked is not None and self.clock.mono_ns() - asked > STATUS_RETRY_NS:
                 # No (usable) answer to the status request: ask again rather than stay
@@ -469,9 +470,15 @@ class Daemon:
 
         registry = CollectorRegistry()
         self.publish()
+        scraped: list[tuple[float, Snapshot]] = []
 
         def snapshot() -> Snapshot:
-            return self.fresh_snapshot()
+            # One snapshot per scrape: the collector asks for engines, desk and journal in turn,
+            # and the loop is asked once (a later scrape, 50 ms on, asks again).
+            now = time.monotonic()
+            if not scraped or now - scraped[0][0] > 0.05:
+                scraped[:] = [(now, self.fresh_snapshot())]
+            return scraped[0][1]
 
         registry.register(
             StatsCollector(

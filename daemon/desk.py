@@ -32,14 +32,12 @@ from daemon.config import Config
 from daemon.engineset import FailoverEvent
 from daemon.order_manager import OrderManager
 from daemon.policy import CLASS_NAMES, SignalPolicy
-from daemon.risk_engine import Gross, RiskEngine, limits_from_config
+from daemon.risk_engine import Gross, RiskEngine
 from daemon.stats import Stats
 from daemon.windows import FeatureWindows
 from risk.halts import HaltBook, HaltEvent
 from risk.review import ReviewQueue
 from risk.states import TradingState
-
-__all__ = ["OrderDesk", "limits_from_config"]
 
 log = structlog.get_logger("tradingd.desk")
 
@@ -257,14 +255,6 @@ class OrderDesk:
 
     def sent_order(self, cl_ord_id: str) -> wire.NewOrder | None:
         return self.orders.sent_order(cl_ord_id)
-
-    def status_request(self) -> wire.StatusRequest:
-        return self.orders.status_request()
-
-    def reconcile(self, status: wire.Status) -> list[str]:
-        differences = self.orders.reconcile(status)
-        self._cancel_what_must_not_work()
-        return differences
 
     def on_status(self, status: wire.Status) -> bool:
         """The broker's answer to the status request made at (re)connection; False if unasked."""

@@ -75,7 +75,7 @@ class OrderManager:
         wall = self.clock.wall_ns()
         self._id_prefix = f"{wall // NS:x}{self.session}"
         for order in self.book.orders.values():
-            if order.state in (OrderState.INTENT,):
+            if order.state is OrderState.INTENT:
                 # The process stopped between journaling the intent and deciding on it: the
                 # decision is closed as abandoned, never taken late.
                 self.journal.append(rec.Abandoned(ts=wall, id=order.cl_ord_id, detail="stopped before the decision"))
@@ -87,12 +87,7 @@ class OrderManager:
         order = self.book.orders.get(r.id)
         if order is None:
             return
-        status = wire.ExecStatus(r.status)
-        leaves = 0 if status in (wire.ExecStatus.REJECTED, wire.ExecStatus.CANCELED) else order.qty - r.cum_qty
-        report = wire.ExecReport(
-            r.id, r.exec_id, status, order.symbol, order.side, r.last_qty, r.last_px, r.cum_qty, max(leaves, 0), 0
-        )
-        self.book.apply(report)
+        self.book.apply(synthetic_report(order, wire.ExecStatus(r.status), r.cum_qty, r.last_px, r.text, r.exec_id))
 
     def restore_abandoned(self, order: Order, detail: str) -> None:
         if order.state in (OrderState.INTENT, OrderState.PARKED):
