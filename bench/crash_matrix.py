@@ -87,7 +87,9 @@ def _config(work: Path, feed_port: int, broker_port: int, symbols: list[str]) ->
         broker_port,
         symbols,
         risk='clock = "feed"\nduplicate_window_ms = 0\n[risk.halt]\nmarket_share = 1.0',
-        journal='fsync = "batch"\nsnapshot_interval_s = 1.0',
+        # Snapshots by time (between minutes) and by records, so the snapshot points are reached
+        # however fast or slow the machine replays.
+        journal='fsync = "batch"\nsnapshot_interval_s = 1.0\nsnapshot_records = 100',
     )
 
 
@@ -167,6 +169,7 @@ def run_point(point: str, run: int, work: Path, csv: Path) -> RunResult:
     crashed: int | None = None
     final_exit: int | None = None
     status: dict[str, Any] | None = None
+    daemon: subprocess.Popen[bytes] | None = None
     try:
         # Each run crashes at a later occurrence of the point, but for the points reached only a
         # few times in a run (a reconciliation, a snapshot between minutes).
@@ -185,6 +188,9 @@ def run_point(point: str, run: int, work: Path, csv: Path) -> RunResult:
         daemon.send_signal(signal.SIGTERM)
         final_exit = daemon.wait(timeout=30)
     finally:
+        if daemon is not None and daemon.poll() is None:
+            daemon.kill()  # a run that failed leaves no daemon behind
+            daemon.wait(timeout=10)
         for proc in (feed, broker):
             proc.terminate()
             proc.wait(timeout=10)
