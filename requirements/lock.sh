@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the hashed locks from pyproject.toml with pip-tools' pip-compile:
-#   ci.txt    the extras dev, export and lean: what the README and .ci/run install and test
+#   ci.txt    the extras dev, export, lean and report: what the README and .ci/run install and test
 #   lean.txt  the daemon with the lean TensorRT runtime: what deploy/README.md installs on the server
 # Run it after changing a requirement in pyproject.toml (tests/test_release.py fails until then).
 # pip-compile keeps every pin that still satisfies pyproject.toml; to move pins, pass
@@ -17,7 +17,7 @@ if [ ! -x "$tools/bin/pip-compile" ]; then
 fi
 flags=(--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links)
 
-"$tools/bin/pip-compile" "${flags[@]}" "$@" --extra=dev --extra=export --extra=lean \
+"$tools/bin/pip-compile" "${flags[@]}" "$@" --extra=dev --extra=export --extra=lean --extra=report \
     --output-file=requirements/ci.txt pyproject.toml
 cp requirements/ci.txt requirements/lean.txt
 "$tools/bin/pip-compile" "${flags[@]}" --extra=lean --output-file=requirements/lean.txt pyproject.toml

@@ -33,7 +33,7 @@ from daemon.version import NOT_INSTALLED, BuildInfo, build_info, git_commit
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Each lock and the extras it was compiled with (README: CI and developers; deploy/README.md: the server).
-LOCKS = {"ci.txt": ("dev", "export", "lean"), "lean.txt": ("lean",)}
+LOCKS = {"ci.txt": ("dev", "export", "lean", "report"), "lean.txt": ("lean",)}
 INSTALL = (
     "python3 -m venv .venv && .venv/bin/pip install --require-hashes -r requirements/ci.txt"
     " && .venv/bin/pip install --no-deps --no-build-isolation -e ."
