@@ -257,6 +257,8 @@ path = "{journal}"
 fsync = "none"
 [log]
 level = "error"
+[engine]
+allow_unqualified = true
 """
     )
     daemon = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measured run

@@ -54,6 +54,8 @@ path = "{work / "journal.msgpack"}"
 {journal}
 [log]
 level = "{level}"
+[engine]
+allow_unqualified = true  # the shipped model is not qualified; a rig measures the daemon
 {extra}
 """
     )

@@ -25,7 +25,7 @@ from broker.client import Gateway, GatewayClient
 from broker.errors import JournalError
 from broker.journal import Journal, Retention, prune, recover, write_snapshot
 from broker.reconnect import Backoff
-from daemon import snapshot
+from daemon import qualification, snapshot
 from daemon.admin import AdminServer
 from daemon.clock import Clock, SystemClock
 from daemon.config import Config
@@ -33,7 +33,7 @@ from daemon.engineset import EngineSet, FailoverEvent
 from daemon.errors import ConfigError
 from daemon.feed.ingest import FeedConnector
 from daemon.metrics import StatsCollector
-from daemon.preflight import check_paths, load_engines
+from daemon.preflight import check_paths, load_engines, serving_standing
 from daemon.runtime import Runtime
 from daemon.sdnotify import Notifier
 from daemon.stats import SignalAccuracy, Stats
@@ -411,6 +411,14 @@ class Daemon:
         leaves the standby serving."""
         check_paths(self.config, self.config_file)
         engines = load_engines(self.config, self.config_file, self.clock.mono_ns)
+        found = serving_standing(self.config, engines)
+        q, s = self.config.qualification, self.stats
+        s.model_qualified = found.ok
+        s.qualified_accuracy = qualification.accuracy_of(found.record) if found.ok else None
+        bar = q.live_accuracy_floor
+        if s.qualified_accuracy is not None:
+            bar = max(bar, s.qualified_accuracy - q.live_accuracy_margin)
+        s.accuracy_alert_below = bar
         self._start_gpu_monitor(engines)
         return engines
 

@@ -512,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_journal_parser(sub)
 
+    from daemon.backtest.cli import add_parser as add_backtest_parser  # noqa: PLC0415
+
+    add_backtest_parser(sub)
+
     model = sub.add_parser("model", help="signal model tools (need the export extra)")
     msub = model.add_subparsers(dest="model_command", required=True)
     p = msub.add_parser("export", help="export a signal checkpoint to ONNX with its manifest")

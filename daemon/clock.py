@@ -39,3 +39,25 @@ class FakeClock:
     def advance(self, ns: int) -> None:
         self._mono += ns
         self._wall += ns
+
+
+class ReplayClock:
+    """A backtest's clock: real ``perf_counter_ns`` for intervals (so latencies are measured, not
+    assumed), and epoch time that follows the replayed feed: the current minute's close plus the
+    real time spent since it was read. Wall-clock rules (order throttle, duplicate window, review
+    expiry) then act on the replay's time as they would live, however fast it runs."""
+
+    def __init__(self, start_wall_ns: int = 0) -> None:
+        self._minute = start_wall_ns
+        self._since = time.perf_counter_ns()
+
+    mono_ns = staticmethod(time.perf_counter_ns)
+
+    def wall_ns(self) -> int:
+        return self._minute + (time.perf_counter_ns() - self._since)
+
+    def at_minute(self, ts_ns: int) -> None:
+        """The feed has reached the minute closing at ``ts_ns`` (never moves epoch time back)."""
+        now = time.perf_counter_ns()
+        current = self._minute + (now - self._since)
+        self._minute, self._since = max(ts_ns, current), now

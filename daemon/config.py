@@ -81,7 +81,7 @@ class InjectConfig(_Section, frozen=True):
 
 
 class EngineConfig(_Section, frozen=True):
-    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    backend: Literal["onnxruntime", "tensorrt", "timing"] = "onnxruntime"
     model: str = "builtin"
     sha256: str | None = None
     batch_buckets: Annotated[tuple[BatchRows, ...], msgspec.Meta(max_length=64)] | None = None
@@ -91,6 +91,10 @@ class EngineConfig(_Section, frozen=True):
     allow_spinning: bool = False
     device: Annotated[int, msgspec.Meta(ge=0, le=1024)] = 0
     inject: InjectConfig | None = None
+    # The timing backend (a benchmark stand-in that sleeps measured GPU times): the gpu_check.json
+    # it reads ("builtin": the source checkout's bench/gpu/gpu_check.json) and the percentile.
+    timing_table: str = "builtin"
+    timing_quantile: Literal["p50", "p99"] = "p50"
 
 
 class FailoverConfig(_Section, frozen=True):
@@ -112,6 +116,30 @@ class EnginesConfig(_Section, frozen=True):
     standby: EngineConfig | None = None
     failover: FailoverConfig = FailoverConfig()
     gpu: GpuConfig = GpuConfig()
+    # Trade a model with no passing qualification (``tradingd backtest``) for its sha256: for
+    # demos and benchmarks only; logged as an error at start and exported as a gauge.
+    allow_unqualified: bool = False
+
+
+class QualificationConfig(_Section, frozen=True):
+    """What ``tradingd backtest`` requires of a model before it may trade (the guide's gates),
+    and the live accuracy floor."""
+
+    min_excess_return: Annotated[float, msgspec.Meta(ge=-10.0, le=100.0)] = 0.15  # a year, over the benchmark
+    max_drawdown: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.08
+    max_losing_days_in_a_row: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 3
+    min_sharpe: Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)] = 2.0
+    min_accuracy: Fraction = 0.65
+    min_trades: Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)] = 20
+    min_days: Annotated[int, msgspec.Meta(ge=0, le=100_000)] = 5
+    # The session the returns are annualised by: "auto" reads it from the data's bar times.
+    session: Literal["auto", "us_equity", "24h", "custom"] = "auto"
+    minutes_per_day: Annotated[int, msgspec.Meta(gt=0, le=1440)] = 390  # for session = "custom"
+    days_per_year: Annotated[int, msgspec.Meta(gt=0, le=366)] = 252  # for session = "custom"
+    # Live: the accuracy alert fires under the larger of this floor and the accuracy the model
+    # qualified with, less ``live_accuracy_margin``.
+    live_accuracy_floor: Fraction = 0.65
+    live_accuracy_margin: Fraction = 0.05
 
 
 class SignalConfig(_Section, frozen=True):
@@ -239,6 +267,7 @@ class Config(_Section, frozen=True):
     journal: JournalConfig = JournalConfig()
     log: LogConfig = LogConfig()
     process: ProcessConfig = ProcessConfig()
+    qualification: QualificationConfig = QualificationConfig()
 
 
 _AT = re.compile(r"^(?P<problem>.*) - at `\$(?P<where>[^`]*)`$")
@@ -329,11 +358,24 @@ def _check(config: Config, file: str) -> None:
         buckets = engine.batch_buckets if engine is not None else None
         if buckets is not None and list(buckets) != sorted(set(buckets)):
             raise ConfigError(file, f"engine.{name}.batch_buckets", f"must be strictly increasing: {list(buckets)}")
+        if engine is not None and engine.backend == "timing":
+            _check_timing_table(engine, file, f"engine.{name}.timing_table")
     fo = config.engine.failover
     if fo.misses > fo.window:
         raise ConfigError(file, "engine.failover.misses", f"{fo.misses} exceeds engine.failover.window {fo.window}")
     if config.engine.standby is not None and config.engine.standby.inject is not None:
         raise ConfigError(file, "engine.standby.inject", "faults are injected into the primary only")
+
+
+def _check_timing_table(engine: EngineConfig, file: str, key: str) -> None:
+    # The table is read here too, so a missing or malformed one is a configuration error (78)
+    # naming the key as well as the table's file and field.
+    from engines.timing import TimingTableError, load_timing_table, resolve_timing_table  # noqa: PLC0415
+
+    try:
+        load_timing_table(resolve_timing_table(engine.timing_table))
+    except TimingTableError as exc:
+        raise ConfigError(file, key, str(exc)) from exc
 
 
 def config_digest(config: Config) -> str:

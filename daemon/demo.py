@@ -22,11 +22,13 @@ import orjson
 
 from broker.orders import FINAL
 from broker.sim import read_orders
+from daemon import qualification
 from daemon.app import Daemon
 from daemon.config import (
     AdminConfig,
     BrokerConfig,
     Config,
+    EnginesConfig,
     FeedConfig,
     FixConfig,
     JournalConfig,
@@ -40,6 +42,7 @@ from daemon.feed.synth import SynthParams, generate, write_csv
 from daemon.runtime import Runtime
 from daemon.stats import Stats
 from engines.base import Engine
+from engines.chooser import resolve_model
 
 
 class DemoError(Exception):
@@ -156,6 +159,9 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
                 # Replayed history: ages are measured on the feed's clock, not today's.
                 risk=RiskConfig(clock="feed", review_threshold=options.review_threshold),
                 signal=SignalConfig(notional_per_signal=options.notional_per_signal),
+                # The shipped model has not passed `tradingd backtest`; the demo shows the
+                # daemon, not a model fit to trade, and its summary says so.
+                engine=EnginesConfig(allow_unqualified=True),
             )
             daemon = Daemon(config, config_file="(demo defaults)")
             started = time.perf_counter()
@@ -267,6 +273,7 @@ def _summary(
             "backend": engine.backend,
             "buckets": list(engine.buckets),
             "failures": s.infer_failures,
+            "qualification": qualification_line(runtime.config, engine),
         },
         "latency_us": {
             "tick_to_order": s.tick_to_order.summary_us(),
@@ -280,6 +287,15 @@ def _summary(
     }
 
 
+def qualification_line(config: Config, engine: Engine) -> str:
+    """What a summary says of the model's deploy gate: qualified, or traded anyway."""
+    cfg = config.engine.standby if engine.name == "standby" and config.engine.standby else config.engine.primary
+    found = qualification.standing(resolve_model(cfg.model, cfg.backend), engine.manifest.sha256)
+    if found.ok:
+        return f"qualified ({found.reason})"
+    return f"NOT qualified ({found.reason}); traded because engine.allow_unqualified = true"
+
+
 def render_text(summary: dict[str, Any]) -> str:
     b, o, lat = summary["bars"], summary["orders"], summary["latency_us"]
     e, sig = summary["engine"], summary["signals"]
@@ -291,6 +307,7 @@ def render_text(summary: dict[str, Any]) -> str:
     lines = [
         f"source         {summary['source']}",
         f"engine         {e['name']} {e['version']} on {e['backend']}",
+        f"qualification  {e['qualification']}",
         f"bars           received {b['received']}  accepted {b['accepted']}  rejected {sum(b['rejected'].values())}"
         f" {b['rejected'] or ''}  warm-up {b['warmup']}  -> {'balanced' if b['balanced'] else 'NOT BALANCED'}",
         f"batches        {summary['batches']} ({summary['batch_rows']} rows)",

@@ -207,6 +207,26 @@ class StatsCollector(Collector):
         yield CounterMetricFamily(
             "tradingd_signals_judged", "Buy/sell signals judged against the next move", value=s.accuracy.judged
         )
+        if s.accuracy_alert_below is not None:
+            yield GaugeMetricFamily(
+                "tradingd_signal_accuracy_alert_below",
+                "The live accuracy the model must keep: the larger of the configured floor and its qualified"
+                " accuracy less the margin ([qualification])",
+                value=s.accuracy_alert_below,
+            )
+        if s.qualified_accuracy is not None:
+            yield GaugeMetricFamily(
+                "tradingd_model_qualified_accuracy",
+                "Direction accuracy the serving model qualified with (tradingd backtest)",
+                value=s.qualified_accuracy,
+            )
+        if s.model_qualified is not None:
+            yield GaugeMetricFamily(
+                "tradingd_model_unqualified",
+                "1 when the serving model has no passing qualification and trades only because"
+                " engine.allow_unqualified = true",
+                value=0.0 if s.model_qualified else 1.0,
+            )
         if self._journal_bytes is not None:
             yield GaugeMetricFamily("tradingd_journal_bytes", "Size of the journal file", value=self._journal_bytes())
         if self._desk_state is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import structlog
 
+from daemon import qualification
 from daemon.config import Config, EngineConfig
 from daemon.engineset import EngineSet
 from daemon.errors import ConfigError
@@ -91,11 +92,48 @@ def load_engines(config: Config, file: str, now_ns: Callable[[], int]) -> Engine
                 "batch.max_batch",
                 f"{config.batch.max_batch} exceeds the engines' largest batch bucket {engines.max_rows}",
             )
+        require_qualified(config, engines, file)
     except BaseException:
         for engine in loaded:
             engine.close()
         raise
     return engines
+
+
+def require_qualified(config: Config, engines: EngineSet, file: str) -> None:
+    """The deploy gate: every loaded engine's model has a passing ``tradingd backtest`` for its
+    sha256 (``qualification.json`` beside it), unless ``engine.allow_unqualified``."""
+    for role, engine in (("primary", engines.primary), ("standby", engines.standby)):
+        if engine is None:
+            continue
+        cfg = config.engine.primary if role == "primary" else config.engine.standby
+        assert cfg is not None
+        model = resolve_model(cfg.model, cfg.backend)
+        found = qualification.standing(model, engine.manifest.sha256)
+        if found.ok:
+            log.info("model_qualified", engine=role, model=str(model), detail=found.reason)
+        elif config.engine.allow_unqualified:
+            log.error(
+                "model_unqualified",
+                engine=role,
+                model=str(model),
+                detail=found.reason,
+                action="trading anyway: engine.allow_unqualified = true",
+            )
+        else:
+            raise ConfigError(
+                file,
+                f"engine.{role}.model",
+                f"{model} (sha256 {engine.manifest.sha256[:16]}…) is not qualified to trade: {found.reason};"
+                " or set engine.allow_unqualified = true (demos and benchmarks only)",
+            )
+
+
+def serving_standing(config: Config, engines: EngineSet) -> qualification.Standing:
+    """The deploy gate's word on the engine that serves first."""
+    cfg = config.engine.primary if engines.active is engines.primary else config.engine.standby
+    assert cfg is not None
+    return qualification.standing(resolve_model(cfg.model, cfg.backend), engines.active.manifest.sha256)
 
 
 def check_paths(config: Config, file: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -109,6 +110,8 @@ class Runtime:
         self.idle_event = asyncio.Event()
         self.idle_event.set()
         self.feed_connected_event = asyncio.Event()  # set on the first feed connection
+        # Sees every inferred batch's calls (a backtest scores them); None live.
+        self.on_calls: Callable[[Batch, npt.NDArray[np.int64], npt.NDArray[np.float32]], None] | None = None
 
     # -- ingest ---------------------------------------------------------------------------
 
@@ -394,6 +397,8 @@ class Runtime:
             log.error("inference_nonfinite", engine=engine, rows=len(batch))
             return
         cls, conf = classify(logits)
+        if self.on_calls is not None:
+            self.on_calls(batch, cls, conf)
         counts = np.bincount(cls, minlength=3)
         for k, name in enumerate(CLASS_NAMES):
             s.signals[name] += int(counts[k])

@@ -82,8 +82,10 @@ class LatencyRecorder:
 
 
 class SignalAccuracy:
-    """Rolling share of buy/sell signals whose direction the symbol's next close-to-close move
-    confirmed, over the last ``window`` signals that have been judged (a flat move is not judged)."""
+    """Rolling direction accuracy over the last ``window`` judged signals, by the one definition
+    the backtest, the report and the alert use (``daemon.backtest.metrics.ACCURACY_DEFINITION``):
+    a buy or sell signal is right when the symbol's next close moves its way; a flat next close
+    counts as wrong; holds are not judged."""
 
     def __init__(self, window: int) -> None:
         self.window = window
@@ -99,9 +101,7 @@ class SignalAccuracy:
         if pending is None:
             return
         direction, then = pending
-        if close == then:
-            return
-        self._hits.append((close > then) == (direction > 0))
+        self._hits.append(close > then if direction > 0 else close < then)
         self.judged += 1
 
     def value(self) -> float | None:
@@ -165,3 +165,8 @@ class Stats:
     send: LatencyRecorder = field(default_factory=LatencyRecorder)
     batch_size: LatencyRecorder = field(default_factory=lambda: LatencyRecorder(1 << 12, BATCH_SIZE_BOUNDS))
     accuracy: SignalAccuracy = field(default_factory=lambda: SignalAccuracy(500))
+    # The deploy gate's word on the model serving (set at start): qualified or traded anyway,
+    # the accuracy it qualified with, and the live accuracy the alert fires under.
+    model_qualified: bool | None = None
+    qualified_accuracy: float | None = None
+    accuracy_alert_below: float | None = None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+import msgspec
 
 from broker.sim import BrokerSimulator, SimConfig
 from daemon.app import Daemon
@@ -18,6 +19,7 @@ from daemon.config import (
     BatchConfig,
     BrokerConfig,
     Config,
+    EnginesConfig,
     FeedConfig,
     JournalConfig,
     MetricsConfig,
@@ -105,6 +107,10 @@ def rig_config(tmp: Path, feed_port: int, broker_port: int, symbols: tuple[str, 
         "risk": RiskConfig(clock="feed"),
     }
     base.update(sections)
+    # The rigs trade the shipped model, which is not qualified (see test_qualification).
+    engines = base.get("engine", EnginesConfig())
+    assert isinstance(engines, EnginesConfig)
+    base["engine"] = msgspec.structs.replace(engines, allow_unqualified=True)
     return Config(**base)  # type: ignore[arg-type]
 
 

@@ -218,6 +218,7 @@ def test_check_when_admin_socket_path_is_too_long_exits_78_naming_the_key(tmp_pa
 def test_check_when_primary_cannot_run_here_reports_the_standby_serving_as_run_would(tmp_path: Path) -> None:
     """A tensorrt primary on a machine without TensorRT or a GPU leaves the standby serving."""
     text = (
+        "[engine]\nallow_unqualified = true\n"
         "[engine.primary]\nbackend = 'tensorrt'\nmodel = 'builtin:absent'\n[engine.standby]\nbackend = 'onnxruntime'\n"
     )
     result = _tradingd("check", "--config", str(_write(tmp_path, text)))

@@ -119,6 +119,8 @@ path = "{journal}"
 fsync = "batch"
 [log]
 level = "warning"
+[engine]
+allow_unqualified = true
 """
     )
     rng = random.Random(20131007)

@@ -90,6 +90,7 @@ def test_every_alert_rule_has_a_firing_and_a_quiet_test() -> None:
         "TradingdGpuBusy",
         "TradingdGpuEccUncorrected",
         "TradingdSignalAccuracyLow",
+        "TradingdModelUnqualified",
     }
     assert rules == wanted
 

@@ -92,6 +92,7 @@ async def test_ready_comes_only_after_warm_up_reconcile_and_feed_connect(tmp_pat
         f"[feed]\nport = {feed_port}\nreconnect_initial_ms = 20\nreconnect_max_ms = 50\n"
         f"[broker]\nport = {broker_port}\n[metrics]\nenabled = false\n"
         f"[journal]\npath = '{tmp_path / 'journal'}'\n[admin]\nsocket = '{tmp_path / 'admin.sock'}'\n"
+        "[engine]\nallow_unqualified = true\n"
     )
     env = {**os.environ, "NOTIFY_SOCKET": str(systemd.path), "WATCHDOG_USEC": "400000", "TRADINGD_CPUS": "0"}
     log = (tmp_path / "daemon.log").open("wb")
@@ -389,6 +390,7 @@ def test_run_when_the_unit_pinned_its_cpus_makes_no_system_call_the_unit_denies(
             f"[journal]\npath = '{tmp_path / 'journal.msgpack'}'\n"
             f"[admin]\nsocket = '{admin}'\noperators = [{os.getuid()}]\n"
             "[risk]\nclock = 'feed'\n[signal]\nconfidence_threshold = 0.0\nnotional_per_signal = 40000.0\n"
+            "[engine]\nallow_unqualified = true\n"
         )
         env = _unit_environment(
             TRADINGD_CONFIG=str(config),
@@ -442,7 +444,10 @@ def test_run_when_the_unit_did_not_pin_its_cpus_exits_78_naming_the_drop_in(tmp_
     if len(cpus) < 2:
         pytest.skip("needs two CPUs: one to start on and another to ask for")
     config = tmp_path / "tradingd.toml"
-    config.write_text(f"[metrics]\nenabled = false\n[journal]\npath = '{tmp_path / 'journal.msgpack'}'\n")
+    config.write_text(
+        f"[metrics]\nenabled = false\n[journal]\npath = '{tmp_path / 'journal.msgpack'}'\n"
+        "[engine]\nallow_unqualified = true\n"
+    )
     deny = ["-e", "trace=sched_setaffinity", "-e", "inject=sched_setaffinity:error=EPERM"]
     result = subprocess.run(
         [taskset, "-c", str(cpus[0]), strace, "-f", "-qq", "-o", os.devnull, *deny, *_exec_start(config)],
