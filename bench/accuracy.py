@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from daemon.backtest.metrics import direction_accuracy
 from daemon.feed.replay import load_csv
 from daemon.policy import BUY, SELL, classify
 from daemon.windows import FeatureWindows
@@ -26,9 +27,10 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "us_equ
 
 
 def _score(calls: np.ndarray, moves: np.ndarray) -> tuple[float, int]:
-    called = calls != 1
-    right = np.where(calls[called] == BUY, moves[called] > 0, moves[called] < 0)
-    return (float(right.mean()) if called.any() else float("nan")), int(called.sum())
+    # The product's one definition (daemon.backtest.metrics.ACCURACY_DEFINITION): calls are
+    # sell 0 / hold 1 / buy 2 here, -1 / 0 / +1 there.
+    value, judged = direction_accuracy((calls - 1).astype(np.int8), moves)
+    return value, judged
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -278,17 +279,36 @@ def cmd_model_export(args: argparse.Namespace) -> int:
 
 def cmd_model_train(args: argparse.Namespace) -> int:
     from daemon.feed.synth import SynthParams, generate  # noqa: PLC0415
+
+    if args.walk_forward:
+        if not args.data:
+            raise SystemExit("tradingd model train: --walk-forward needs --data")
+        from daemon.backtest.walk import walk_forward  # noqa: PLC0415
+
+        return walk_forward(args)
+    if args.data:
+        from daemon.backtest.walk import training_series  # noqa: PLC0415
+
+        series, label = training_series(args.data, args.train_until, args.embargo_bars)
+    else:
+        universe = generate(SynthParams(symbols=args.symbols, minutes=args.minutes, seed=args.seed))
+        series, label = list(universe.values()), "synthetic bars (tradingd synth)"
+    path = train_and_export(args, series, label, Path(args.out))
+    if args.data and args.train_until:
+        data = " ".join(f"--data {d}" for d in args.data)
+        print(f"next: tradingd backtest {data} --model {path} --from {args.train_until}")
+    return 0
+
+
+def train_and_export(args: argparse.Namespace, series: list[Any], label: str, out: Path) -> Path:
+    """Train on per-symbol OHLCV arrays, save the checkpoint and export the ONNX with its manifest."""
     from engines.model.export import export_onnx  # noqa: PLC0415
     from engines.model.qwen_signal import save_checkpoint  # noqa: PLC0415
     from engines.model.train import train  # noqa: PLC0415
 
-    universe = generate(SynthParams(symbols=args.symbols, minutes=args.minutes, seed=args.seed))
-    print(
-        f"training on {args.symbols} synthetic symbols x {args.minutes} minutes for {args.steps} steps",
-        file=sys.stderr,
-    )
+    print(f"training on {label} ({len(series)} symbols) for {args.steps} steps", file=sys.stderr)
     model, meta, report = train(
-        list(universe.values()),
+        series,
         steps=args.steps,
         seed=args.seed,
         window=args.window,
@@ -297,8 +317,8 @@ def cmd_model_train(args: argparse.Namespace) -> int:
         layers=args.layers,
         version=args.version,
         progress=lambda step, loss: print(f"  step {step}/{args.steps} loss {loss:.4f}", file=sys.stderr),
+        data=label,
     )
-    out = Path(args.out)
     save_checkpoint(model, meta, out / "checkpoint")
     path = export_onnx(model, meta, out, buckets=tuple(args.buckets))
     print(
@@ -306,7 +326,7 @@ def cmd_model_train(args: argparse.Namespace) -> int:
         f" on {report.holdout_samples} windows; trained in {report.seconds:.1f} s"
     )
     print(f"wrote {out / 'checkpoint'} and {path}")
-    return 0
+    return path
 
 
 def _admin(args: argparse.Namespace, message: dict[str, object]) -> int:
@@ -398,6 +418,13 @@ def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
                 if subparser.description is None and choice.help:
                     subparser.description = choice.help[0].upper() + choice.help[1:] + "."
                 _describe_subcommands(subparser)
+
+
+def _iso_date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a date like 2013-10-09: {text!r}") from exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -523,8 +550,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
     p.set_defaults(func=cmd_model_export)
-    p = msub.add_parser("train", help="train a small signal model on synthetic bars, then export it")
+    p = msub.add_parser("train", help="train a small signal model on real or synthetic bars, then export it")
     p.add_argument("--out", required=True)
+    p.add_argument("--data", type=Path, action="append", help="minute bars to train on (CSV or DBN; repeatable)")
+    p.add_argument("--train-until", type=_iso_date, help="train on bars before this day (UTC); backtest from it")
+    p.add_argument(
+        "--embargo-bars",
+        type=int,
+        default=None,
+        help="drop each symbol's last N bars before --train-until, so no label reaches past it (default: the window)",
+    )
+    p.add_argument(
+        "--walk-forward",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K folds: train on the days before each of the last K blocks of days, backtest on the block",
+    )
     p.add_argument("--symbols", type=int, default=32)
     p.add_argument("--minutes", type=int, default=2000)
     p.add_argument("--steps", type=int, default=300)

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,37 @@ def test_venue_when_the_trading_day_ends_a_day_order_is_cancelled() -> None:
     venue.on_bar("AAA", T0 + 86_400 * NS, 100.0, 100.0, 100.0)
     venue.deliver()
     assert reports[-1].status is wire.ExecStatus.CANCELED and "expired" in reports[-1].text
+
+
+def test_training_series_when_cut_at_a_date_holds_nothing_from_that_day_on(minute_csv: Path) -> None:
+    from daemon.backtest.walk import training_series  # noqa: PLC0415
+
+    cut = date(2013, 10, 9)
+    full, _ = training_series([minute_csv], cut, embargo=0)
+    embargoed, label = training_series([minute_csv], cut, embargo=16)
+    rows = list(csv.DictReader(minute_csv.read_text().splitlines()))
+    before = [r for r in rows if r["ts_utc"] <= "2013-10-08T23:59"]
+    per_symbol = {s: sum(1 for r in before if r["symbol"] == s) for s in {r["symbol"] for r in before}}
+    assert sorted(len(a) for a in full) == sorted(per_symbol.values())
+    assert sorted(len(a) for a in embargoed) == sorted(n - 16 for n in per_symbol.values())
+    assert "before 2013-10-09" in label and "embargo 16" in label
+
+
+def test_model_train_when_walking_forward_trains_before_each_fold_and_backtests_it(
+    tmp_path: Path, minute_csv: Path
+) -> None:
+    pytest.importorskip("torch")
+    out = tmp_path / "wf"
+    result = _tradingd(
+        "model", "train", "--data", str(minute_csv), "--walk-forward", "2", "--steps", "20", "--out", str(out)
+    )
+    assert result.returncode in (0, 1), result.stderr
+    folds = json.loads((out / "walk_forward.json").read_text())["folds"]
+    assert [f["fold"] for f in folds] == [1, 2]
+    for fold in folds:
+        manifest = json.loads((out / f"fold-{fold['fold']}" / "model.manifest.json").read_text())
+        assert f"before {fold['test']['from']}" in manifest["training"]["data"]
+        assert fold["train_until"] == fold["test"]["from"]
+        assert set(fold["gates"]) >= {"accuracy", "sharpe", "max_drawdown"}
+    assert folds[0]["test"]["to"] < folds[1]["test"]["from"]
+    assert result.returncode == (0 if all(f["passed"] for f in folds) else 1)

@@ -11,6 +11,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from daemon.backtest import metrics
 from engines.features import DEFAULT_FEATURES, feature_array
 from engines.model.qwen_signal import (
     FeatureNorm,
@@ -52,12 +53,10 @@ def make_dataset(
 
 
 def direction_accuracy(pred: npt.NDArray[np.int64], next_return: npt.NDArray[np.float64]) -> float:
-    """Share of buy/sell calls whose direction matched the next bar's move (hold calls excluded)."""
-    called = pred != 1
-    if not called.any():
-        return float("nan")
-    right = np.where(pred[called] == 2, next_return[called] > 0, next_return[called] < 0)
-    return float(right.mean())
+    """The product's one definition (``daemon.backtest.metrics.ACCURACY_DEFINITION``) over
+    classes 0 sell / 1 hold / 2 buy: buy and sell calls judged, a flat next move a miss."""
+    value, _ = metrics.direction_accuracy((pred - 1).astype(np.int8), next_return.astype(np.float64))
+    return value
 
 
 def train(
@@ -74,6 +73,7 @@ def train(
     hidden: int = 32,
     layers: int = 2,
     progress: Callable[[int, float], None] | None = None,
+    data: str = "synthetic bars (tradingd synth)",
 ) -> tuple[QwenSignalModel, SignalMeta, TrainReport]:
     """Train on per-symbol OHLCV arrays ([T, 5] each, time order); last 20 % of each held out."""
     torch.manual_seed(seed)
@@ -128,7 +128,7 @@ def train(
         holdout_samples=len(yh),
     )
     training = {
-        "data": "synthetic bars (tradingd synth)",
+        "data": data,
         "steps": steps,
         "seed": seed,
         "hold_band": hold_band,
