@@ -87,6 +87,7 @@ class Order:
     exec_ids: set[str] = field(default_factory=set)
     cancels: int = 0  # cancel ids issued for this order (each cancel request has its own)
     cancel_pending: bool = False  # a cancel is in flight: another is not sent
+    ts_ready: int = 0  # mono ns its bar was in the feature window (0: not from a live batch)
 
     @property
     def signed_open_qty(self) -> int:

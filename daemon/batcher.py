@@ -8,7 +8,7 @@ already holds the newer bar), which is counted, so the queue is bounded by the u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -20,9 +20,23 @@ class Batch:
     ts_recv: list[int]
     ts_event: list[int]
     close: list[float]
+    ts_ready: list[int] = field(default_factory=list)  # when each bar was in its window (mono ns)
 
     def __len__(self) -> int:
         return len(self.ts_recv)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTiming:
+    """One inferred batch's clock readings (mono ns), handed to the desk with its signals so
+    each order's stages can be told apart: feed wait, batch wait, inference, gates, journal,
+    send, which add up to its tick-to-order."""
+
+    started_ns: int  # gathered and handed to the inference thread
+    back_ns: int  # its result back on the event loop
+    engine_ns: int  # the engine's own time for the batch (the GPU time, for the timing engine)
+    rows: int
+    bucket: int
 
 
 class Batcher:
@@ -35,14 +49,16 @@ class Batcher:
         self._ts_recv = [0] * n_symbols
         self._ts_event = [0] * n_symbols
         self._close = [0.0] * n_symbols
+        self._ts_ready = [0] * n_symbols
         self.superseded = 0
 
     def __len__(self) -> int:
         return len(self._queue)
 
-    def add(self, i: int, ts_recv: int, ts_event: int, close: float) -> bool:
+    def add(self, i: int, ts_recv: int, ts_event: int, close: float, ts_ready: int = 0) -> bool:
         """Queue symbol ``i`` for inference; True when a full batch is now waiting."""
         self._ts_recv[i] = ts_recv
+        self._ts_ready[i] = ts_ready
         self._ts_event[i] = ts_event
         self._close[i] = close
         if self._waiting[i]:
@@ -74,4 +90,5 @@ class Batcher:
             ts_recv=[self._ts_recv[i] for i in taken],
             ts_event=[self._ts_event[i] for i in taken],
             close=[self._close[i] for i in taken],
+            ts_ready=[self._ts_ready[i] for i in taken],
         )

@@ -26,7 +26,7 @@ from broker.client import Gateway
 from broker.journal import Journal
 from broker.orders import FINAL, Order, OrderBook, OrderState
 from daemon import snapshot as snap
-from daemon.batcher import Batch
+from daemon.batcher import Batch, BatchTiming
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.engineset import FailoverEvent
@@ -329,14 +329,16 @@ class OrderDesk:
     def risk_now(self) -> int:
         return self.risk.now()
 
-    def on_signals(self, batch: Batch, rows: Iterable[int], cls: list[int], conf: list[float]) -> None:
+    def on_signals(
+        self, batch: Batch, rows: Iterable[int], cls: list[int], conf: list[float], timing: BatchTiming | None = None
+    ) -> None:
         started = self.clock.mono_ns()
         self._gross = self.risk.gross(self.book)
         for row in rows:
             self._signal(batch, row, cls[row], conf[row])
         decided = self.clock.mono_ns()
         self.stats.gates.record(decided - started)
-        self.orders.commit()
+        self.orders.commit(timing, decided)
         self.stats.send.record(self.clock.mono_ns() - decided)
 
     def _signal(self, batch: Batch, row: int, cls: int, confidence: float) -> None:
@@ -354,6 +356,7 @@ class OrderDesk:
             intent.price,
             batch.ts_event[row],
             batch.ts_recv[row],
+            ts_ready=batch.ts_ready[row] if batch.ts_ready else 0,
         )
         self.orders.intent(order, CLASS_NAMES[cls], round(confidence, 4))
         self._decide(order, order.ts_event, review=True, signal=CLASS_NAMES[cls], confidence=round(confidence, 4))

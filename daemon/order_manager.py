@@ -24,6 +24,7 @@ from broker.client import Gateway
 from broker.crashpoints import CRASH
 from broker.journal import Journal
 from broker.orders import FINAL, Order, OrderBook, OrderState, Refusal
+from daemon.batcher import BatchTiming
 from daemon.clock import Clock
 from daemon.stats import Stats
 
@@ -136,12 +137,13 @@ class OrderManager:
         self.on_sent(order, wall)
         self._outbox.append((order, fields))
 
-    def commit(self) -> None:
+    def commit(self, timing: BatchTiming | None = None, decided_ns: int = 0) -> None:
         """Group commit: the batch's records reach the journal file (and the disk, per the fsync
         policy) before any of its orders leaves, so a crash can lose an order's send but never
         send an order the journal does not know. An order the gateway cannot write is closed as
         never sent (journaled), never left looking sent."""
         self.journal.sync()
+        synced = self.clock.mono_ns()
         outbox, self._outbox = self._outbox, []
         if not outbox:
             return
@@ -175,6 +177,8 @@ class OrderManager:
             latency = ts_send - order.ts_recv if order.ts_recv else None
             if latency is not None:
                 s.tick_to_order.record(latency)
+                if timing is not None and order.ts_ready:
+                    s.stages.record(order.ts_recv, order.ts_ready, timing, decided_ns, synced, ts_send)
             sent.append((fields, latency))
         if unsent:
             self.journal.sync()

@@ -46,6 +46,8 @@ def engine_spec(name: str, cfg: EngineConfig) -> EngineSpec:
         graph_optimization=cfg.graph_optimization,
         allow_spinning=cfg.allow_spinning,
         expect_sha256=cfg.sha256,
+        timing_table=cfg.timing_table,
+        timing_quantile=cfg.timing_quantile,
     )
 
 

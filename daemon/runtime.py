@@ -26,7 +26,7 @@ from broker import records as rec
 from broker.errors import FrameError
 from broker.journal import Journal
 from broker.orders import OrderBook
-from daemon.batcher import Batch, Batcher
+from daemon.batcher import Batch, Batcher, BatchTiming
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.desk import OrderDesk
@@ -203,12 +203,13 @@ class Runtime:
         s.bars_accepted += 1
         s.accuracy.next_close(i, bar.close)
         self.desk.on_bar(bar.symbol, bar.ts, bar.open, bar.close, bar.prev_close)
-        s.feed_wait.record(self.clock.mono_ns() - ts_recv)
+        ready = self.clock.mono_ns()
+        s.feed_wait.record(ready - ts_recv)
         if not self.windows.full(i):
             s.bars_warmup += 1
             return
         self.idle_event.clear()
-        if self.batcher.add(i, ts_recv, bar.ts, bar.close):
+        if self.batcher.add(i, ts_recv, bar.ts, bar.close, ready):
             self._flush()
         elif self._timer is None and self._inflight is None:
             self._arm_timer()
@@ -316,6 +317,7 @@ class Runtime:
         future.add_done_callback(self._on_inferred)
 
     def _on_inferred(self, future: asyncio.Future[Outcome]) -> None:
+        back = self.clock.mono_ns()
         inflight, self._inflight = self._inflight, None
         assert inflight is not None
         batch = inflight.batch
@@ -337,7 +339,9 @@ class Runtime:
             s.infer.record(outcome.elapsed_ns)
             if outcome.event is not None:
                 self.desk.record_failover(outcome.event, rows=n)
-            self._act(batch, outcome.logits[:n], outcome.engine)
+            timing = BatchTiming(inflight.started_ns, back, outcome.elapsed_ns, n, inflight.bucket)
+            s.batch_buckets[inflight.bucket] += 1
+            self._act(batch, outcome.logits[:n], outcome.engine, timing)
         self._flush()
         self._backpressure()
 
@@ -390,7 +394,7 @@ class Runtime:
     def book(self) -> OrderBook:
         return self.desk.book
 
-    def _act(self, batch: Batch, logits: npt.NDArray[np.float32], engine: str) -> None:
+    def _act(self, batch: Batch, logits: npt.NDArray[np.float32], engine: str, timing: BatchTiming) -> None:
         s = self.stats
         if not np.isfinite(logits).all():
             s.infer_nonfinite += 1
@@ -406,7 +410,7 @@ class Runtime:
             s.accuracy.signal(int(batch.symbols[row]), 1 if cls[row] > HOLD else -1, batch.close[row])
         rows = np.flatnonzero((cls != HOLD) & (conf >= self.config.signal.confidence_threshold))
         if len(rows):
-            self.desk.on_signals(batch, rows.tolist(), cls.tolist(), conf.tolist())
+            self.desk.on_signals(batch, rows.tolist(), cls.tolist(), conf.tolist(), timing)
 
     def close(self, *, wait: bool = True) -> None:
         if self._timer is not None:

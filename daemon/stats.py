@@ -9,8 +9,10 @@ from __future__ import annotations
 import bisect
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 # Latency buckets in ns: dense from 10 us to 10 ms, then a tail to 1 s.
 LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
@@ -108,6 +110,76 @@ class SignalAccuracy:
         return sum(self._hits) / len(self._hits) if self._hits else None
 
 
+# Per order, in this order: tick-to-order, its stages (which add up to it), the engine's own time
+# for the order's batch, and that batch's rows and bucket.
+STAGES = ("t2o", "feed_wait", "batch_wait", "inference", "gates", "journal", "send", "engine", "rows", "bucket")
+STAGE_NAMES = STAGES[1:7]
+
+
+class OrderStages:
+    """Every order's latency split into stages, kept in a ring of the newest ``capacity``:
+
+    - ``feed_wait``: bar read from the socket -> in its feature window;
+    - ``batch_wait``: -> its batch handed to the inference thread;
+    - ``inference``: -> the batch's result back on the event loop (the engine's ``engine`` time
+      and the thread hand-offs);
+    - ``gates``: -> the batch's decisions made;
+    - ``journal``: -> the batch's records synced (the fsync policy's cost);
+    - ``send``: -> this order written to the gateway.
+
+    Overhead per order is its tick-to-order less its own batch's engine time: what the daemon
+    costs. Percentiles are taken over these per-order values, never differences of percentiles.
+    """
+
+    def __init__(self, capacity: int = 1 << 18) -> None:
+        self._rows = np.zeros((capacity, len(STAGES)), dtype=np.int64)
+        self.count = 0
+
+    def record(self, ts_recv: int, ts_ready: int, timing: Any, decided: int, synced: int, sent: int) -> None:
+        row = self._rows[self.count % len(self._rows)]
+        row[:] = (
+            sent - ts_recv,
+            ts_ready - ts_recv,
+            timing.started_ns - ts_ready,
+            timing.back_ns - timing.started_ns,
+            decided - timing.back_ns,
+            synced - decided,
+            sent - synced,
+            timing.engine_ns,
+            timing.rows,
+            timing.bucket,
+        )
+        self.count += 1
+
+    def table(self) -> npt.NDArray[np.int64]:
+        """The retained rows, [n, len(STAGES)], oldest first."""
+        n, cap = self.count, len(self._rows)
+        if n <= cap:
+            return self._rows[:n].copy()
+        k = n % cap
+        return np.concatenate((self._rows[k:], self._rows[:k]))
+
+    def summary_us(self) -> dict[str, Any]:
+        """Percentiles (µs) of tick-to-order, overhead and each stage over the retained orders."""
+        t = self.table()
+
+        def pct(values: npt.NDArray[np.int64], qs: tuple[float, ...] = (50, 99)) -> dict[str, float | None]:
+            if not len(values):
+                return {f"p{q:g}".replace(".", ""): None for q in qs}
+            got = np.percentile(values / 1000.0, qs)
+            return {f"p{q:g}".replace(".", ""): round(float(v), 1) for q, v in zip(qs, got, strict=True)}
+
+        return {
+            "orders": len(t),
+            "t2o_us": {
+                **pct(t[:, 0], (50, 90, 99, 99.9)),
+                "max": round(float(t[:, 0].max()) / 1000, 1) if len(t) else None,
+            },
+            "overhead_us": pct(t[:, 0] - t[:, 7]),
+            "stages_us": {name: pct(t[:, k + 1]) for k, name in enumerate(STAGE_NAMES)},
+        }
+
+
 @dataclass(slots=True)
 class Stats:
     bars_received: int = 0
@@ -165,6 +237,8 @@ class Stats:
     send: LatencyRecorder = field(default_factory=LatencyRecorder)
     batch_size: LatencyRecorder = field(default_factory=lambda: LatencyRecorder(1 << 12, BATCH_SIZE_BOUNDS))
     accuracy: SignalAccuracy = field(default_factory=lambda: SignalAccuracy(500))
+    stages: OrderStages = field(default_factory=OrderStages)
+    batch_buckets: Counter[int] = field(default_factory=Counter)  # batches by the bucket they ran in
     # The deploy gate's word on the model serving (set at start): qualified or traded anyway,
     # the accuracy it qualified with, and the live accuracy the alert fires under.
     model_qualified: bool | None = None

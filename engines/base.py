@@ -25,6 +25,9 @@ class EngineSpec:
     graph_optimization: str = "all"
     allow_spinning: bool = False
     expect_sha256: str | None = None
+    # The timing backend only: its GPU-time table ("builtin" or a path) and the percentile it sleeps.
+    timing_table: str = "builtin"
+    timing_quantile: str = "p50"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,21 @@ def smallest_bucket(buckets: tuple[int, ...], n: int) -> int:
         if n <= bucket:
             return bucket
     raise ValueError(f"batch of {n} exceeds the largest bucket {buckets[-1]}")
+
+
+def describe(engine: Engine) -> str:
+    """The backend as a latency summary names it: an engine's ``description`` where it has one
+    (the timing engine's says which GPU table it sleeps), through any wrapper (``inner``), else its
+    backend."""
+    current: object = engine
+    while True:
+        description = getattr(current, "description", None)
+        if isinstance(description, str):
+            return description
+        inner = getattr(current, "inner", None)
+        if inner is None:
+            return engine.backend
+        current = inner
 
 
 def run_batch(engine: Engine, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

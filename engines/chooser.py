@@ -7,7 +7,7 @@ from pathlib import Path
 from engines.base import Engine, EngineSpec
 from engines.errors import BackendUnavailableError
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "timing")
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "qwen-signal-v1" / "model.onnx"
 
@@ -37,5 +37,9 @@ def build_engine(spec: EngineSpec) -> Engine:
             from engines.tensorrt import TensorRTEngine  # noqa: PLC0415
 
             return TensorRTEngine(spec)
+        case "timing":
+            from engines.timing import TimingEngine  # noqa: PLC0415
+
+            return TimingEngine(spec)
         case other:
             raise BackendUnavailableError(f"unknown engine backend {other!r}; available: {list(BACKENDS)}")

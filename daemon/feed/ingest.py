@@ -70,7 +70,11 @@ class FeedProtocol(ClosingProtocol):
         self._now_ns = now_ns
         self._paused = False
         self._pending: Iterator[object] | None = None
-        self._backlog: deque[bytes] = deque()
+        self._pending_ts = 0
+        # Chunks not yet handed on, each with ``ts_recv``: when its bytes were read from the
+        # socket. Taken once per read and never again, so a bar held back while the feed is
+        # paused, or behind another minute in the same read, carries the wait in its latency.
+        self._backlog: deque[tuple[bytes, int]] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -78,7 +82,7 @@ class FeedProtocol(ClosingProtocol):
         self._sink.on_feed_connected(self)
 
     def data_received(self, data: bytes) -> None:
-        self._backlog.append(data)
+        self._backlog.append((data, self._now_ns()))
         if not self._paused and self._pending is None:
             self._deliver()
 
@@ -97,12 +101,13 @@ class FeedProtocol(ClosingProtocol):
 
     def _deliver(self) -> None:
         sink = self._sink
-        ts_recv = self._now_ns()
         while not self._paused:
             if self._pending is None:
                 if not self._backlog:
                     return
-                self._pending = self._reader.feed(self._backlog.popleft())
+                data, self._pending_ts = self._backlog.popleft()
+                self._pending = self._reader.feed(data)
+            ts_recv = self._pending_ts
             try:
                 for obj in self._pending:
                     message: Message | None = None
@@ -121,10 +126,6 @@ class FeedProtocol(ClosingProtocol):
                                 sink.on_unknown_type(message)
                     except Exception as exc:  # a bug in the sink: the sink escalates it
                         sink.on_internal_error(exc, _KINDS.get(type(message), "decode"))
-                    if type(message) is MinuteEnd:
-                        # One read can hold several minutes (a replay at full speed); the next
-                        # minute's bars are received once this one has been handed on.
-                        ts_recv = self._now_ns()
                     if self._paused:
                         return  # the rest of this chunk waits in the suspended iterator
             except FrameError as exc:
