@@ -61,6 +61,9 @@ class Options:
     seed: int = 1
     data: str = ""  # the CSV of the "real" scenario
     sample_s: float = 0.0  # soak: sample the daemon's RSS and open fds this often (0: off)
+    engine: str = "onnxruntime"  # or "timing": sleeps the H200's GPU time per bucket, costs no CPU
+    feed: str = "msgpack"  # or "dbn"
+    fsync: str = "batch"  # the journal's fsync policy (the daemon's default)
 
 
 @dataclass
@@ -72,6 +75,9 @@ class Report:
     drops: dict[str, int] = field(default_factory=dict)
     tick_to_order_us: dict[str, float] = field(default_factory=dict)
     daemon_us: dict[str, Any] = field(default_factory=dict)
+    engine: str = ""
+    orders_latency: dict[str, Any] = field(default_factory=dict)
+    batches: dict[str, Any] = field(default_factory=dict)
     soak: dict[str, Any] = field(default_factory=dict)
     late_sends: int = 0
     max_send_lag_us: float = 0.0
@@ -237,8 +243,12 @@ port = {broker_port}
 [universe]
 symbols = {json.dumps(names)}
 [batch]
-max_batch = {256 if o.batching else 1}
+max_batch = {(8192 if o.engine == "timing" else 256) if o.batching else 1}
 max_delay_us = 1000
+[engine]
+allow_unqualified = true  # the shipped model is not qualified; the harness measures the daemon
+[engine.primary]
+backend = "{o.engine}"
 [signal]
 confidence_threshold = 0.0
 notional_per_signal = 10000.0
@@ -254,11 +264,9 @@ socket = "{sock}"
 operators = [{os.getuid()}]
 [journal]
 path = "{journal}"
-fsync = "none"
+fsync = "{o.fsync}"
 [log]
 level = "error"
-[engine]
-allow_unqualified = true
 """
     )
     daemon = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measured run
@@ -321,6 +329,15 @@ allow_unqualified = true
             "max": hist.get_max_value(),
         }
     report.daemon_us = (status or {}).get("latency_us", {})
+    report.engine = (status or {}).get("engine_backend", o.engine)
+    report.orders_latency = (status or {}).get("orders_latency", {})
+    rows = (status or {}).get("batch_rows", {})
+    report.batches = {
+        "count": rows.get("count"),
+        "rows_p50": rows.get("p50"),
+        "rows_max": rows.get("max"),
+        "buckets": (status or {}).get("batch_buckets", {}),
+    }
     if samples:
         # Growth is judged from the end of warm-up (a tenth of the run in), not from start-up.
         base = next((x for x in samples if x[0] >= samples[-1][0] * 0.1), samples[0])
@@ -363,19 +380,56 @@ def engine_alone(o: Options, iterations: int = 200) -> dict[int, dict[str, float
     return out
 
 
-def daemon_overhead(o: Options, report: Report, engine: dict[int, dict[str, float]]) -> dict[str, float]:
-    """Tick-to-order minus what the engine alone needs for all of a minute's batches."""
-    symbols = 1 if o.scenario == "steady" else o.symbols
-    full, rest = divmod(symbols, 256) if o.batching else (0, 0)
-    out = {}
-    for q in ("p50", "p99"):
-        if not o.batching:
-            engine_ns = engine[1][q] * symbols
-        else:
-            engine_ns = full * engine.get(256, {}).get(q, 0.0) + (
-                engine[min(b for b in engine if b >= rest)][q] if rest else 0.0
-            )
-        out[q] = round(report.tick_to_order_us.get(q, 0.0) - engine_ns, 1)
+def summary(report: Report) -> dict[str, Any]:
+    """The run as one JSON object. ``t2o_us`` is the harness's own measure (the broker's receive
+    time of an order less the intended send time of its bar); ``overhead_us`` and ``stages_us``
+    are the daemon's per-order figures (from its socket read of the bar), percentiles over orders:
+    overhead is each order's tick-to-order less its own batch's engine time."""
+    o, t, lat = report.options, report.tick_to_order_us, report.orders_latency
+    return {
+        "orders": report.orders,
+        "drops": report.drops,
+        "engine": report.engine,
+        "feed": o["feed"],
+        "fsync": o["fsync"],
+        "symbols": 1 if o["scenario"] == "steady" else o["symbols"],
+        "minutes": o["minutes"],
+        "t2o_us": {
+            "p50": t.get("p50"),
+            "p90": t.get("p90"),
+            "p99": t.get("p99"),
+            "p999": t.get("p99.9"),
+            "max": t.get("max"),
+        },
+        "daemon_t2o_us": lat.get("t2o_us", {}),
+        "overhead_us": lat.get("overhead_us", {}),
+        "stages_us": lat.get("stages_us", {}),
+        "batches": report.batches,
+        "late_sends": report.late_sends,
+    }
+
+
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per figure, the median over the runs (each run's own percentile), for the targets."""
+    import numpy as np  # noqa: PLC0415
+
+    def med(path: tuple[str, ...]) -> float | None:
+        values = []
+        for run in runs:
+            x: Any = run
+            for key in path:
+                x = x.get(key) if isinstance(x, dict) else None
+            if isinstance(x, int | float):
+                values.append(float(x))
+        return round(float(np.median(values)), 1) if values else None
+
+    out: dict[str, Any] = {
+        "t2o_us": {q: med(("t2o_us", q)) for q in ("p50", "p90", "p99", "p999", "max")},
+        "overhead_us": {q: med(("overhead_us", q)) for q in ("p50", "p99")},
+    }
+    out["stages_us"] = {
+        stage: {q: med(("stages_us", stage, q)) for q in ("p50", "p99")} for stage in runs[0].get("stages_us", {})
+    }
     return out
 
 
@@ -425,6 +479,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="in the same invocation, also run with batching off and with the asyncio loop, and the engine alone",
     )
+    parser.add_argument("--engine", choices=["onnxruntime", "timing"], default="onnxruntime")
+    parser.add_argument("--feed", choices=["msgpack", "dbn"], default="msgpack")
+    parser.add_argument("--fsync", choices=["none", "batch", "always"], default="batch")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="repeat the run; the summary adds the median of each figure"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the summary) on stdout")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path)
     args = parser.parse_args(argv)
@@ -439,9 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         args.stall_ms,
         data=args.data,
         sample_s=1.0 if args.soak or args.soak_png else 0.0,
+        engine=args.engine,
+        feed=args.feed,
+        fsync=args.fsync,
     )
-    with tempfile.TemporaryDirectory(prefix="tradingd-bench-") as work:
-        report = asyncio.run(run(o, Path(work)))
+    runs: list[dict[str, Any]] = []
+    for _ in range(max(1, args.runs)):
+        with tempfile.TemporaryDirectory(prefix="tradingd-bench-") as work:
+            report = asyncio.run(run(o, Path(work)))
+        runs.append(summary(report))
     text = markdown(report)
     baselines: dict[str, Any] = {}
     if args.baselines:
@@ -453,17 +520,12 @@ def main(argv: list[str] | None = None) -> int:
                 other = asyncio.run(run(variant, Path(work)))
             baselines[label] = asdict(other)
             text += "\n" + markdown(other).splitlines()[-1] + f" ← baseline: {label}"
-        engine = engine_alone(o)
-        baselines["engine alone"] = engine
-        text += "\n\nengine alone (inference per bucket, µs): " + ", ".join(
-            f"bucket {b}: p50 {v['p50']} / p99 {v['p99']}" for b, v in engine.items()
-        )
-        overhead = daemon_overhead(o, report, engine)
-        baselines["daemon overhead"] = overhead
-        text += (
-            f"\ndaemon overhead (tick-to-order minus the engine-alone time of the minute's batches, µs): "
-            f"p50 {overhead['p50']}, p99 {overhead['p99']}"
-        )
+        if o.engine == "onnxruntime":
+            engine = engine_alone(o)
+            baselines["engine alone"] = engine
+            text += "\n\nengine alone (inference per bucket, µs): " + ", ".join(
+                f"bucket {b}: p50 {v['p50']} / p99 {v['p99']}" for b, v in engine.items()
+            )
     if report.soak:
         k = report.soak
         text += (
@@ -472,9 +534,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.soak_png:
             plot_soak(report, args.soak_png)
-    print(text)
+    result = {**runs[-1], "runs": runs, "median": median_of(runs)} if len(runs) > 1 else runs[-1]
+    result["baselines"] = {
+        k: summary(Report(**v)) if isinstance(v, dict) and "options" in v else v for k, v in baselines.items()
+    }
+    print(json.dumps(result) if args.json else text)
     if args.json_out:
-        args.json_out.write_text(json.dumps({**asdict(report), "baselines": baselines}, indent=2))
+        args.json_out.write_text(json.dumps({**asdict(report), "summary": result, "baselines": baselines}, indent=2))
     if args.md_out:
         args.md_out.write_text(text + "\n")
     p99 = report.tick_to_order_us.get("p99")

@@ -17,11 +17,13 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import orjson
 import structlog
 
 from broker.errors import IllegalTransitionError, JournalError
 from daemon.config import AdminConfig
+from engines.base import describe
 from risk.errors import RiskError
 from risk.failover import FailoverReason
 from risk.states import IllegalStateTransitionError
@@ -29,6 +31,14 @@ from risk.states import IllegalStateTransitionError
 if TYPE_CHECKING:
     from daemon.desk import OrderDesk
     from daemon.runtime import Runtime
+
+
+def _rows(samples: Any) -> dict[str, Any]:
+    """Batch sizes: how many batches, the median and largest."""
+    if not len(samples):
+        return {"count": 0, "p50": None, "max": None}
+    return {"count": len(samples), "p50": int(np.percentile(samples, 50)), "max": int(samples.max())}
+
 
 log = structlog.get_logger("tradingd.admin")
 
@@ -173,6 +183,13 @@ class AdminServer:
                 "infer": s.infer.summary_us(),
                 "batch_wait": s.batch_wait.summary_us(),
             },
+            # Per order: tick-to-order (from the socket read), overhead (less its batch's engine
+            # time) and the stages, as percentiles over the orders; batches by size and bucket.
+            "orders_latency": s.stages.summary_us(),
+            "batch_rows": _rows(s.batch_size.samples()),
+            "batch_buckets": {str(b): n for b, n in sorted(s.batch_buckets.items())},
+            "engine_backend": describe(self.runtime.engines.active),
+            "journal_fsync": self.runtime.journal.fsync,
             "orders": {
                 "intents": s.intents,
                 "sent": s.orders_sent,

@@ -43,13 +43,13 @@ class Batcher:
     def __init__(self, n_symbols: int, max_batch: int, max_delay_ns: int) -> None:
         self.max_batch = max_batch
         self.max_delay_ns = max_delay_ns
-        self._waiting = [False] * n_symbols
+        self._waiting = np.zeros(n_symbols, dtype=bool)
         self._queue: list[int] = []
         self._since: list[int] = []  # when each queued symbol started waiting
-        self._ts_recv = [0] * n_symbols
-        self._ts_event = [0] * n_symbols
-        self._close = [0.0] * n_symbols
-        self._ts_ready = [0] * n_symbols
+        self._ts_recv = np.zeros(n_symbols, dtype=np.int64)
+        self._ts_event = np.zeros(n_symbols, dtype=np.int64)
+        self._close = np.zeros(n_symbols, dtype=np.float64)
+        self._ts_ready = np.zeros(n_symbols, dtype=np.int64)
         self.superseded = 0
 
     def __len__(self) -> int:
@@ -69,6 +69,27 @@ class Batcher:
         self._since.append(ts_recv)
         return len(self._queue) >= self.max_batch
 
+    def add_many(
+        self,
+        idx: npt.NDArray[np.int64],
+        ts_recv: int,
+        ts_event: npt.NDArray[np.int64],
+        close: npt.NDArray[np.float64],
+        ts_ready: int,
+    ) -> bool:
+        """``add`` for distinct symbols ``idx`` read together; True when a full batch now waits."""
+        self._ts_recv[idx] = ts_recv
+        self._ts_event[idx] = ts_event
+        self._close[idx] = close
+        self._ts_ready[idx] = ts_ready
+        waiting = self._waiting[idx]
+        self.superseded += int(waiting.sum())
+        new = idx[~waiting]
+        self._waiting[new] = True
+        self._queue.extend(new.tolist())
+        self._since.extend([ts_recv] * len(new))
+        return len(new) > 0 and len(self._queue) >= self.max_batch
+
     def deadline_ns(self) -> int | None:
         """When the oldest waiting symbol's delay runs out, or None if none waits."""
         return self._since[0] + self.max_delay_ns if self._since else None
@@ -83,12 +104,12 @@ class Batcher:
         taken = self._queue[: self.max_batch]
         del self._queue[: self.max_batch]
         del self._since[: len(taken)]
-        for i in taken:
-            self._waiting[i] = False
+        symbols = np.array(taken, dtype=np.int64)
+        self._waiting[symbols] = False
         return Batch(
-            symbols=np.array(taken, dtype=np.int64),
-            ts_recv=[self._ts_recv[i] for i in taken],
-            ts_event=[self._ts_event[i] for i in taken],
-            close=[self._close[i] for i in taken],
-            ts_ready=[self._ts_ready[i] for i in taken],
+            symbols=symbols,
+            ts_recv=self._ts_recv[symbols].tolist(),
+            ts_event=self._ts_event[symbols].tolist(),
+            close=self._close[symbols].tolist(),
+            ts_ready=self._ts_ready[symbols].tolist(),
         )

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from broker import protocol as wire
@@ -277,6 +278,18 @@ class OrderDesk:
     def on_bar(self, symbol: str, ts: int, open_: float, close: float, prev_close: float | None) -> None:
         events = self.risk.on_bar(symbol, ts, open_, close, prev_close)
         for event in events:
+            self._record_halt(event, uid=None)
+
+    def on_bars(
+        self,
+        idx: npt.NDArray[np.int64],
+        ts: npt.NDArray[np.int64],
+        open_: npt.NDArray[np.float64],
+        close: npt.NDArray[np.float64],
+        prev_close: npt.NDArray[np.float64],
+    ) -> None:
+        """``on_bar`` for a minute's bars of distinct symbols (NaN ``prev_close``: none)."""
+        for event in self.risk.on_bars(idx, ts, open_, close, prev_close):
             self._record_halt(event, uid=None)
 
     def _record_halt(self, event: HaltEvent, uid: int | None, *, cancel: bool = True) -> None:

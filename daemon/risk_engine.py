@@ -11,6 +11,9 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from broker import protocol as wire
 from broker.orders import Order, OrderBook
 from daemon.clock import Clock
@@ -98,6 +101,17 @@ class RiskEngine:
         self.feed_now = max(self.feed_now, ts)
         return self.halts.on_bar(symbol, ts, open_, close, prev_close)
 
+    def on_bars(
+        self,
+        idx: npt.NDArray[np.int64],
+        ts: npt.NDArray[np.int64],
+        open_: npt.NDArray[np.float64],
+        close: npt.NDArray[np.float64],
+        prev_close: npt.NDArray[np.float64],
+    ) -> list[HaltEvent]:
+        self.feed_now = max(self.feed_now, int(ts.max()))
+        return self.halts.on_bars(idx, ts, open_, close, prev_close)
+
     def gross(self, book: OrderBook) -> Gross:
         """Sum of |position + working| at the last close, or the last fill price where no bar has
         arrived since a restart; a held symbol with neither makes the exposure unknown."""
@@ -152,7 +166,7 @@ class RiskEngine:
             position=position,
             gross_exposure=gross.value,
             unpriced=gross.unpriced,
-            recent_order_ts=tuple(recent),
+            recent_orders=len(recent),  # pruned to the window just above
             last_same_order_ts=self._last_same.get((order.symbol, order.side, order.qty, order.price)),
         )
 

@@ -31,6 +31,8 @@ from daemon.clock import Clock
 from daemon.config import Config
 from daemon.desk import OrderDesk
 from daemon.engineset import EngineSet, Outcome, RerunFailedError
+from daemon.feed.columns import BarColumns, bounds_codes, from_bars
+from daemon.feed.dbn import CHECK_REASONS
 from daemon.feed.ingest import FeedProtocol
 from daemon.feed.protocol import (
     NS_PER_S,
@@ -55,6 +57,18 @@ log = structlog.get_logger("tradingd.runtime")
 UNKNOWN_TYPES_KEPT = 32
 UNKNOWN_TYPE_CHARS = 64
 OTHER_TYPES = "(other)"
+
+
+_PUSH_REASONS = (None, RejectReason.OUT_OF_ORDER, RejectReason.NON_FINITE_FEATURE)  # windows.PUSH_CODES
+_CHECK_BAR_REASONS = frozenset(
+    {
+        RejectReason.PRICE_OUT_OF_RANGE,
+        RejectReason.VOLUME_OUT_OF_RANGE,
+        RejectReason.FUTURE_TS,
+        RejectReason.AHEAD_OF_FEED,
+        RejectReason.UNKNOWN_SYMBOL,
+    }
+)
 
 
 def _worth_logging(n: int) -> bool:
@@ -106,6 +120,11 @@ class Runtime:
         # Bars accepted since they were last journaled (a ``Bars`` record per batch or minute),
         # so a restart rebuilds the windows from the snapshot plus these.
         self._bars: list[tuple[str, int, float, float, float, float, float, float]] = []
+        # Whole minutes taken by ``on_bars``, in arrival order with the scalar bars before them.
+        self._bar_chunks: list[
+            tuple[list[str], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
+        ] = []
+        self._names = np.asarray(self.symbols, dtype=object)
         self._max_gap_ns = int(config.journal.window_max_gap_s * 1e9)
         self.idle_event = asyncio.Event()
         self.idle_event.set()
@@ -171,23 +190,149 @@ class Runtime:
         )
         return i
 
+    def _chunk_scalar_bars(self) -> None:
+        bars, self._bars = self._bars, []
+        symbols, ts, o, h, lo, c, v, prev = zip(*bars, strict=True)
+        self._bar_chunks.append(
+            (
+                list(symbols),
+                np.array(ts, dtype=np.int64),
+                np.array([o, h, lo, c, v], dtype=np.float64).T,
+                np.array(prev, dtype=np.float64),
+            )
+        )
+
     def flush_bars(self) -> None:
         """Journal the bars accepted since the last call as one columnar record (synced with
         the next batch)."""
-        bars = self._bars
-        if not bars:
+        if self._bars:
+            self._chunk_scalar_bars()
+        chunks = self._bar_chunks
+        if not chunks:
             return
-        self._bars = []
-        symbols, ts, o, h, lo, c, v, prev = zip(*bars, strict=True)
+        self._bar_chunks = []
+        if len(chunks) == 1:
+            symbols, ts, ohlcv, prev = chunks[0]
+        else:
+            symbols = [name for chunk in chunks for name in chunk[0]]
+            ts = np.concatenate([chunk[1] for chunk in chunks])
+            ohlcv = np.concatenate([chunk[2] for chunk in chunks])
+            prev = np.concatenate([chunk[3] for chunk in chunks])
         self.journal.append(
             rec.Bars(
                 ts=self.clock.wall_ns(),
-                symbols=list(symbols),
-                bar_ts=np.array(ts, dtype="<i8").tobytes(),
-                ohlcv=np.array([o, h, lo, c, v], dtype="<f8").T.tobytes(),
-                prev_close=np.array(prev, dtype="<f8").tobytes(),
+                symbols=symbols,
+                bar_ts=ts.astype("<i8").tobytes(),
+                ohlcv=np.ascontiguousarray(ohlcv, dtype="<f8").tobytes(),
+                prev_close=prev.astype("<f8").tobytes(),
             )
         )
+
+    def on_bars(self, cols: BarColumns, ts_recv: int) -> None:
+        """A minute's bars read together, taken at once: the same rules, counts, windows, halts,
+        journal and batching as ``on_bar`` bar by bar, over arrays. The rare minute that needs
+        bar-by-bar care (a symbol twice, a window restored from a snapshot) goes bar by bar."""
+        n = len(cols)
+        if not n:
+            return
+        s = self.stats
+        idx = cols.idx
+        codes = cols.codes.copy()
+        bounds_codes(codes, cols, self._bounds, self.clock.wall_ns(), self._feed_ts)
+        ok = codes == 0
+        candidates = idx[ok]
+        if self.windows.restored or len(np.unique(candidates)) != len(candidates):
+            self._bars_one_by_one(cols, codes, ts_recv)
+            return
+        s.bars_received += n
+        if cols.seq is not None:
+            self._seqs(cols.seq)
+        if not ok.all():
+            self._reject_many(codes, cols, CHECK_REASONS)
+        at = np.flatnonzero(ok)
+        o, h, lo, c, v, prev = (
+            cols.open[at],
+            cols.high[at],
+            cols.low[at],
+            cols.close[at],
+            cols.volume[at],
+            cols.prev_close[at],
+        )
+        ts = cols.ts[at]
+        pushed = self.windows.push_many(candidates, ts, o, h, lo, c, v, prev)
+        added = pushed == 0
+        if not added.all():
+            refused = np.zeros(n, dtype=np.uint8)
+            refused[at] = pushed
+            self._reject_many(refused, cols, _PUSH_REASONS)
+            candidates, ts, o, h, lo, c, v, prev = (x[added] for x in (candidates, ts, o, h, lo, c, v, prev))
+        k = len(candidates)
+        if not k:
+            return
+        top = int(ts.max())
+        if self._feed_ts is None or top > self._feed_ts:
+            self._feed_ts = top
+        if self._bars:
+            self._chunk_scalar_bars()
+        self._bar_chunks.append((self._names[candidates].tolist(), ts, np.stack((o, h, lo, c, v), axis=1), prev))
+        s.bars_accepted += k
+        s.accuracy.next_close_many(candidates, c)
+        self.desk.on_bars(candidates, ts, o, c, prev)
+        ready = self.clock.mono_ns()
+        s.feed_wait.record_many(np.full(k, ready - ts_recv, dtype=np.int64))
+        full = self.windows.count[candidates] >= self.windows.window
+        s.bars_warmup += k - int(full.sum())
+        go = candidates[full]
+        if not len(go):
+            return
+        self.idle_event.clear()
+        if self.batcher.add_many(go, ts_recv, ts[full], c[full], ready):
+            self._flush()
+        elif self._timer is None and self._inflight is None:
+            self._arm_timer()
+
+    def _bars_one_by_one(self, cols: BarColumns, codes: npt.NDArray[np.uint8], ts_recv: int) -> None:
+        for k in range(len(cols)):
+            reason = CHECK_REASONS[codes[k]]
+            if reason is not None and reason not in _CHECK_BAR_REASONS:
+                # Found by the DBN decoder's own rules (the v1 decoder's, which on_bar does not redo).
+                self.stats.bars_received += 1
+                self._reject(reason, f"bar {k} of a DBN read", None, cols.names[k])
+            else:
+                self.on_bar(cols.bar(k), ts_recv)
+
+    def _seqs(self, seqs: npt.NDArray[np.int64]) -> None:
+        self._seq(int(seqs[0]))
+        if len(seqs) > 1:
+            step = np.diff(seqs)
+            gaps = int(((step != 1) & (step > 0)).sum())
+            if gaps:
+                self.stats.seq_gaps += gaps
+                log.warning("feed_seq_gap", gaps_in_read=gaps, total=self.stats.seq_gaps)
+            top = int(seqs.max())
+            if self._last_seq is None or top > self._last_seq:
+                self._last_seq = top
+
+    def _reject_many(
+        self, codes: npt.NDArray[np.uint8], cols: BarColumns, reasons: tuple[RejectReason | None, ...]
+    ) -> None:
+        counts = np.bincount(codes, minlength=len(reasons))
+        for code in np.flatnonzero(counts[1:]).tolist():
+            reason = reasons[code + 1]
+            assert reason is not None
+            before = self.stats.bars_rejected[reason]
+            self.stats.bars_rejected[reason] = after = before + int(counts[code + 1])
+            if before < 10 or after // 1000 > before // 1000:
+                k = int(np.flatnonzero(codes == code + 1)[0])
+                log.warning(
+                    "bar_rejected",
+                    reason=str(reason),
+                    detail=f"ts={int(cols.ts[k])} open={cols.open[k]} high={cols.high[k]} low={cols.low[k]}"
+                    f" close={cols.close[k]} volume={cols.volume[k]}",
+                    symbol=cols.names[k],
+                    in_read=int(counts[code + 1]),
+                    count=after,
+                )
 
     def on_bar(self, bar: Bar, ts_recv: int) -> None:
         s = self.stats
@@ -213,6 +358,9 @@ class Runtime:
             self._flush()
         elif self._timer is None and self._inflight is None:
             self._arm_timer()
+
+    def on_bar_group(self, bars: list[Bar], ts_recv: int) -> None:
+        self.on_bars(from_bars(bars, self.windows.index), ts_recv)
 
     def on_rejected(self, rejected: Rejected, ts_recv: int) -> None:
         self.stats.bars_received += 1

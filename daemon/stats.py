@@ -66,6 +66,21 @@ class LatencyRecorder:
         self.sum_ns += ns
         self.max_ns = max(self.max_ns, ns)
 
+    def record_many(self, ns: npt.NDArray[np.int64]) -> None:
+        """``record`` for each of ``ns`` (a minute's bars at once)."""
+        n = len(ns)
+        if not n:
+            return
+        counts = np.bincount(np.searchsorted(self.bounds_ns, ns, side="left"), minlength=len(self.buckets))
+        for k in np.flatnonzero(counts).tolist():
+            self.buckets[k] += int(counts[k])
+        cap = len(self._samples)
+        at = (self.count + np.arange(n)) % cap if n < cap else np.arange(self.count, self.count + n) % cap
+        self._samples[at[-cap:]] = ns[-cap:]
+        self.count += n
+        self.sum_ns += int(ns.sum())
+        self.max_ns = max(self.max_ns, int(ns.max()))
+
     def samples(self) -> np.ndarray:
         return self._samples[: min(self.count, len(self._samples))]
 
@@ -92,19 +107,49 @@ class SignalAccuracy:
     def __init__(self, window: int) -> None:
         self.window = window
         self._hits: deque[bool] = deque(maxlen=window)
-        self._direction: dict[int, tuple[int, float]] = {}  # symbol index -> (+1 buy / -1 sell, close)
+        # Per symbol slot: the pending signal's direction (+1 buy, -1 sell, 0 none) and close.
+        self._direction = np.zeros(0, dtype=np.int8)
+        self._then = np.zeros(0, dtype=np.float64)
         self.judged = 0
 
+    def _fit(self, n: int) -> None:
+        if n > len(self._direction):
+            size = max(n, 2 * len(self._direction))
+            self._direction = np.concatenate((self._direction, np.zeros(size - len(self._direction), np.int8)))
+            self._then = np.concatenate((self._then, np.zeros(size - len(self._then))))
+
     def signal(self, symbol: int, direction: int, close: float) -> None:
-        self._direction[symbol] = (direction, close)
+        self._fit(symbol + 1)
+        self._direction[symbol] = direction
+        self._then[symbol] = close
+
+    def signal_many(self, symbols: npt.NDArray[np.int64], directions: npt.NDArray[np.int64], closes: Any) -> None:
+        if len(symbols):
+            self._fit(int(symbols.max()) + 1)
+            self._direction[symbols] = directions
+            self._then[symbols] = closes
 
     def next_close(self, symbol: int, close: float) -> None:
-        pending = self._direction.pop(symbol, None)
-        if pending is None:
+        if symbol >= len(self._direction) or not self._direction[symbol]:
             return
-        direction, then = pending
-        self._hits.append(close > then if direction > 0 else close < then)
+        direction, then = self._direction[symbol], self._then[symbol]
+        self._direction[symbol] = 0
+        self._hits.append(bool(close > then if direction > 0 else close < then))
         self.judged += 1
+
+    def next_close_many(self, symbols: npt.NDArray[np.int64], closes: npt.NDArray[np.float64]) -> None:
+        """``next_close`` for bars of distinct symbols."""
+        if not len(symbols):
+            return
+        self._fit(int(symbols.max()) + 1)
+        direction = self._direction[symbols]
+        pending = direction != 0
+        if not pending.any():
+            return
+        at, d, now = symbols[pending], direction[pending], closes[pending]
+        self._hits.extend(np.where(d > 0, now > self._then[at], now < self._then[at]).tolist())
+        self._direction[at] = 0
+        self.judged += len(at)
 
     def value(self) -> float | None:
         return sum(self._hits) / len(self._hits) if self._hits else None

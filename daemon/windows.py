@@ -17,10 +17,11 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from engines.features import feature_row_fn
+from engines.features import feature_columns, feature_row_fn
 from engines.manifest import Feature
 
 IntArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float64]
 
 
 class Push(Enum):
@@ -34,6 +35,9 @@ class Push(Enum):
         return self is Push.ADDED
 
 
+PUSH_CODES = (Push.ADDED, Push.NOT_AFTER_LAST, Push.NON_FINITE)  # push_many's codes
+
+
 class FeatureWindows:
     def __init__(self, symbols: tuple[str, ...], window: int, features: tuple[Feature, ...]) -> None:
         n, f = len(symbols), len(features)
@@ -44,9 +48,10 @@ class FeatureWindows:
         self._flat = self.buf.reshape(n * window, f)
         self._head = np.zeros(n, dtype=np.int64)  # next row to write, per symbol
         self._offsets = np.arange(window, dtype=np.int64)
-        self.count = [0] * n  # bars accepted per symbol
-        self.last_ts = [-(1 << 63)] * n
-        self.last_close = [0.0] * n
+        # Per symbol, as arrays so a whole minute is taken at once (``push_many``).
+        self.count = np.zeros(n, dtype=np.int64)  # bars accepted
+        self.last_ts = np.full(n, -(1 << 63), dtype=np.int64)
+        self.last_close = np.zeros(n, dtype=np.float64)
         self.feature_names = tuple(x.name for x in features)
         self.restored: set[int] = set()  # symbols whose window came from a snapshot, not yet resumed
         self._row = feature_row_fn(self.feature_names)
@@ -69,7 +74,7 @@ class FeatureWindows:
         feature would not be finite (the result says which, and is false)."""
         if ts <= self.last_ts[i]:
             return Push.NOT_AFTER_LAST
-        pc = self.last_close[i] if self.count[i] else (prev_close or 0.0)
+        pc = float(self.last_close[i]) if self.count[i] else (prev_close or 0.0)
         row = self._row(o, h, lo, c, v, pc)
         # One inf or nan makes the sum non-finite (and finite features are logs, far below the
         # float32 range), so one test covers the row.
@@ -83,8 +88,37 @@ class FeatureWindows:
         self.last_close[i] = c
         return Push.ADDED
 
+    def push_many(
+        self,
+        idx: IntArray,
+        ts: IntArray,
+        o: FloatArray,
+        h: FloatArray,
+        lo: FloatArray,
+        c: FloatArray,
+        v: FloatArray,
+        prev_close: FloatArray,
+    ) -> npt.NDArray[np.uint8]:
+        """``push`` over one bar each of distinct symbols ``idx`` (NaN ``prev_close``: none), at
+        once; per bar a ``PUSH_CODES`` index: 0 added, else why not (as ``push`` says)."""
+        codes = np.zeros(len(idx), dtype=np.uint8)
+        codes[ts <= self.last_ts[idx]] = 1
+        known = self.count[idx] > 0
+        pc = np.where(known, self.last_close[idx], np.nan_to_num(prev_close, nan=0.0))
+        rows = feature_columns(self.feature_names, o, h, lo, c, v, pc)
+        codes[(codes == 0) & ~np.isfinite(rows.sum(axis=1))] = 2
+        add = codes == 0
+        at = idx[add]
+        head = self._head[at]
+        self.buf[at, head] = rows[add]
+        self._head[at] = (head + 1) % self.window
+        self.count[at] += 1
+        self.last_ts[at] = ts[add]
+        self.last_close[at] = c[add]
+        return codes
+
     def full(self, i: int) -> bool:
-        return self.count[i] >= self.window
+        return bool(self.count[i] >= self.window)
 
     def reset(self, i: int) -> None:
         """Forget symbol ``i``'s bars: it warms up again from its next bar."""
@@ -99,7 +133,7 @@ class FeatureWindows:
         older, the window is stale and is reset; returns the gap then, else None. A bar not after
         the window's last (a feed repeating itself on reconnect) decides nothing: the symbol stays
         restored until a newer bar comes."""
-        last = self.last_ts[i]
+        last = int(self.last_ts[i])
         if ts <= last:
             return None
         self.restored.discard(i)
@@ -111,7 +145,7 @@ class FeatureWindows:
     def mark_restored(self) -> None:
         """A process boundary in the journal: every symbol with bars is restored again, so the
         replay applies the same gap rule the live process applied at its first bar."""
-        self.restored = {i for i, n in enumerate(self.count) if n}
+        self.restored = set(np.flatnonzero(self.count).tolist())
 
     def gather(self, symbols: IntArray, out: npt.NDArray[np.float32]) -> None:
         """Write the normalised windows of ``symbols`` (oldest bar first) into ``out`` [n, W, F]."""
@@ -139,9 +173,9 @@ class FeatureWindows:
             list(self.feature_names),
             self.buf.tobytes(),
             self._head.tobytes(),
-            list(self.count),
-            list(self.last_ts),
-            list(self.last_close),
+            self.count.tolist(),
+            self.last_ts.tolist(),
+            self.last_close.tolist(),
         )
 
     def load(self, state: WindowsState) -> list[str]:

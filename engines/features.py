@@ -89,13 +89,17 @@ def feature_row_fn(names: tuple[str, ...]) -> Callable[..., list[float]]:
     return row
 
 
-def feature_array(names: tuple[str, ...], ohlcv: npt.NDArray[np.float64]) -> FloatArray:
-    """Features for one symbol's bars in time order: ``ohlcv`` [T, 5] -> [T, F] float32.
-
-    The first bar has no previous close, so its return is 0, as on the hot path.
-    """
-    o, h, lo, c, v = (ohlcv[:, i] for i in range(5))
-    pc = np.concatenate(([0.0], c[:-1]))
+def feature_columns(
+    names: tuple[str, ...],
+    o: npt.NDArray[np.float64],
+    h: npt.NDArray[np.float64],
+    lo: npt.NDArray[np.float64],
+    c: npt.NDArray[np.float64],
+    v: npt.NDArray[np.float64],
+    pc: npt.NDArray[np.float64],
+) -> FloatArray:
+    """The vector form: one row of features per bar, each with its own previous close ``pc``
+    (0 where there is none, making the return 0 as the scalar form does) -> [n, F] float32."""
     with np.errstate(all="ignore"):  # as the scalar form: inf or nan where a log is undefined
         cols = {
             "log_return": np.where(pc > 0.0, np.log(c / np.where(pc > 0.0, pc, 1.0)), 0.0),
@@ -108,4 +112,17 @@ def feature_array(names: tuple[str, ...], ohlcv: npt.NDArray[np.float64]) -> Flo
     unknown = [n for n in names if n not in cols]
     if unknown:
         raise KeyError(f"unknown features {unknown}; known: {sorted(cols)}")
-    return np.stack([cols[n] for n in names], axis=1).astype(np.float32)
+    out = np.empty((len(c), len(names)), dtype=np.float32)
+    for k, name in enumerate(names):
+        out[:, k] = cols[name]
+    return out
+
+
+def feature_array(names: tuple[str, ...], ohlcv: npt.NDArray[np.float64]) -> FloatArray:
+    """Features for one symbol's bars in time order: ``ohlcv`` [T, 5] -> [T, F] float32.
+
+    The first bar has no previous close, so its return is 0, as on the hot path.
+    """
+    o, h, lo, c, v = (ohlcv[:, i] for i in range(5))
+    pc = np.concatenate(([0.0], c[:-1]))
+    return feature_columns(names, o, h, lo, c, v, pc)

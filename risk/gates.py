@@ -87,6 +87,9 @@ class RiskView:
     gross_exposure: float = 0.0  # sum over symbols of |position| x reference price
     unpriced: str | None = None  # a held symbol with no price at all: gross exposure is unknown
     recent_order_ts: tuple[int, ...] = ()  # send times of orders still inside the throttle window
+    # How many of them, where the caller has counted already (the risk engine keeps them pruned
+    # to the window): the gate then need not walk the tuple for every order of a large batch.
+    recent_orders: int | None = None
     last_same_order_ts: int | None = None  # last send of an identical order (symbol, side, qty, price)
 
 
@@ -172,7 +175,9 @@ def size_limits(order: OrderCheck, limits: Limits, view: RiskView) -> Denial | N
 
 def rate_limits(order: OrderCheck, limits: Limits, view: RiskView) -> Denial | None:
     window_start = view.wall_ns - limits.throttle_window_ns
-    recent = sum(1 for ts in view.recent_order_ts if ts > window_start)
+    recent = view.recent_orders
+    if recent is None:
+        recent = sum(1 for ts in view.recent_order_ts if ts > window_start)
     if recent >= limits.throttle_orders:
         return Denial(DenyReason.THROTTLE, f"{recent} orders in the last {limits.throttle_window_ns / 1e9:g} s")
     last = view.last_same_order_ts

@@ -9,7 +9,11 @@ is the pure rule; ``HaltBook`` keeps the latches and says what changed, as event
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
 
 from risk.errors import UnknownSymbolError
 from risk.states import TradingState, transition
@@ -50,6 +54,11 @@ class HaltBook:
         self._session: dict[str, int] = {}
         self._first_open: dict[str, float] = {}
         self._halted = 0
+        # The same two, by symbol slot, so ``on_bars`` finds the few bars a minute that change
+        # anything without a dictionary lookup per bar.
+        self._slot = {s: i for i, s in enumerate(symbols)}
+        self._session_day = np.full(len(symbols), -1, dtype=np.int64)
+        self._first_open_px = np.full(len(symbols), np.nan)
 
     def halted_symbols(self) -> list[str]:
         return [s for s, st in self.state.items() if st is TradingState.HALTED]
@@ -62,8 +71,7 @@ class HaltBook:
         events: list[HaltEvent] = []
         day = ts // NS_PER_DAY
         if self._session.get(symbol) != day:
-            self._session[symbol] = day
-            self._first_open[symbol] = open_
+            self._note_session(symbol, day, open_)
             # Said as an event so it can be journaled: the reference must survive a restart.
             events.append(HaltEvent("reference", symbol, ts, "session first open", close=open_))
         cooloff = self.rule.cooloff_ns
@@ -86,6 +94,42 @@ class HaltBook:
                 elif self._halted >= self.rule.market_share * len(self.symbols):
                     events.append(self._halt(None, ts, f"{self._halted} of {len(self.symbols)} symbols halted"))
         return events
+
+    def on_bars(
+        self,
+        idx: npt.NDArray[np.int64],
+        ts: npt.NDArray[np.int64],
+        open_: npt.NDArray[np.float64],
+        close: npt.NDArray[np.float64],
+        prev_close: npt.NDArray[np.float64],
+    ) -> list[HaltEvent]:
+        """``on_bar`` for bars of distinct symbol slots ``idx`` (NaN ``prev_close``: none): the
+        rule is applied, bar by bar, only to the bars that can change something (a new session,
+        a move past the limit, a cool-off running); for the rest it would return nothing."""
+        day = ts // NS_PER_DAY
+        new_day = self._session_day[idx] != day
+        with np.errstate(all="ignore"):
+            ref = np.where(np.isnan(prev_close), np.where(new_day, open_, self._first_open_px[idx]), prev_close)
+            moved = np.abs(close / ref - 1.0) * 100.0 >= self.rule.move_pct - 1e-9
+        if self.rule.cooloff_ns is not None and self.halted_at:
+            rows = np.arange(len(idx))
+        else:
+            rows = np.flatnonzero(new_day | moved)
+        events: list[HaltEvent] = []
+        for r in rows.tolist():
+            prev = float(prev_close[r])
+            events += self.on_bar(
+                self.symbols[idx[r]], int(ts[r]), float(open_[r]), float(close[r]), None if math.isnan(prev) else prev
+            )
+        return events
+
+    def _note_session(self, symbol: str, day: int, first_open: float) -> None:
+        self._session[symbol] = day
+        self._first_open[symbol] = first_open
+        i = self._slot.get(symbol)
+        if i is not None:
+            self._session_day[i] = day
+            self._first_open_px[i] = first_open
 
     def halt(self, symbol: str | None, ts: int, reason: str) -> HaltEvent | None:
         """An operator's halt; None when it was already halted."""
@@ -123,16 +167,18 @@ class HaltBook:
         self.market = TradingState(str(saved["market"]))
         halted_at: dict[str, int] = saved["halted_at"]  # type: ignore[assignment]
         self.halted_at = {(k or None): v for k, v in halted_at.items() if not k or k in self.state}
-        self._session.update({k: v for k, v in saved["session"].items() if k in self.state})  # type: ignore[attr-defined]
-        self._first_open.update({k: v for k, v in saved["first_open"].items() if k in self.state})  # type: ignore[attr-defined]
+        sessions: dict[str, int] = saved["session"]  # type: ignore[assignment]
+        first_open: dict[str, float] = saved["first_open"]  # type: ignore[assignment]
+        for symbol, day in sessions.items():
+            if symbol in self.state and symbol in first_open:
+                self._note_session(symbol, day, first_open[symbol])
         self._halted = sum(1 for st in self.state.values() if st is TradingState.HALTED)
 
     def restore(self, event: HaltEvent) -> None:
         """Re-apply a journaled event at start-up."""
         if event.action == "reference":
             assert event.symbol is not None and event.close is not None
-            self._session[event.symbol] = event.ts // NS_PER_DAY
-            self._first_open[event.symbol] = event.close
+            self._note_session(event.symbol, event.ts // NS_PER_DAY, event.close)
         else:
             self.set_state(event.symbol, _TARGET[event.action], event.ts, event.reason)
 

@@ -26,6 +26,10 @@ class _Recording:
     def on_bar(self, message: Bar, ts_recv: int) -> None:
         self.seen.append((f"bar{message.seq}", ts_recv))
 
+    def on_bar_group(self, bars: list[Bar], ts_recv: int) -> None:
+        for one in bars:
+            self.on_bar(one, ts_recv)
+
     def on_minute_end(self, message: MinuteEnd, ts_recv: int) -> None:
         self.seen.append((f"end{message.seq}", ts_recv))
         assert self.feed is not None

@@ -40,6 +40,7 @@ from daemon.batcher import Batch
 from daemon.clock import ReplayClock
 from daemon.config import Config, parse_config
 from daemon.engineset import EngineSet
+from daemon.feed.columns import from_bars
 from daemon.feed.protocol import MinuteEnd
 from daemon.feed.replay import Minute
 from daemon.preflight import build_configured
@@ -268,8 +269,8 @@ async def run_pass(
                 venue.on_bar(bar.symbol, bar.ts, bar.open, bar.high, bar.low)
             venue.deliver()
             now = clock.mono_ns()
+            runtime.on_bars(from_bars(minute.bars, index), now)
             for bar in minute.bars:
-                runtime.on_bar(bar, now)
                 marks[bar.symbol] = bar.close
                 i = index[bar.symbol]
                 per_symbol[i][0].append(bar.ts)

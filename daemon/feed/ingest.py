@@ -36,6 +36,10 @@ class FeedSink(Protocol):
 
     def on_bar(self, bar: Bar, ts_recv: int) -> None: ...
 
+    def on_bar_group(self, bars: list[Bar], ts_recv: int) -> None:
+        """Consecutive bars of one read (a minute's, usually), handed on together."""
+        ...
+
     def on_minute_end(self, message: MinuteEnd, ts_recv: int) -> None: ...
 
     def on_heartbeat(self, message: Heartbeat, ts_recv: int) -> None: ...
@@ -71,6 +75,7 @@ class FeedProtocol(ClosingProtocol):
         self._paused = False
         self._pending: Iterator[object] | None = None
         self._pending_ts = 0
+        self._held: Message | None = None  # decoded, not yet handed on when a pause came
         # Chunks not yet handed on, each with ``ts_recv``: when its bytes were read from the
         # socket. Taken once per read and never again, so a bar held back while the feed is
         # paused, or behind another minute in the same read, carries the wait in its latency.
@@ -100,45 +105,83 @@ class FeedProtocol(ClosingProtocol):
             self._transport.resume_reading()
 
     def _deliver(self) -> None:
-        sink = self._sink
+        """Hand on what has been read, until the backlog is empty or the sink pauses. Bars in a
+        row are handed on as one group (the runtime takes a group at once); anything else one by
+        one, each at a message boundary."""
         while not self._paused:
+            if self._held is not None:
+                message, self._held = self._held, None
+                self._dispatch(message, self._pending_ts)
+                continue
             if self._pending is None:
                 if not self._backlog:
                     return
                 data, self._pending_ts = self._backlog.popleft()
                 self._pending = self._reader.feed(data)
             ts_recv = self._pending_ts
+            group: list[Bar] = []
             try:
                 for obj in self._pending:
-                    message: Message | None = None
                     try:
                         message = decode(obj)
-                        match message:
-                            case Bar():
-                                sink.on_bar(message, ts_recv)
-                            case MinuteEnd():
-                                sink.on_minute_end(message, ts_recv)
-                            case Heartbeat():
-                                sink.on_heartbeat(message, ts_recv)
-                            case Rejected():
-                                sink.on_rejected(message, ts_recv)
-                            case UnknownType():
-                                sink.on_unknown_type(message)
-                    except Exception as exc:  # a bug in the sink: the sink escalates it
-                        sink.on_internal_error(exc, _KINDS.get(type(message), "decode"))
+                    except Exception as exc:  # a bug in the decoder: escalated, the stream goes on
+                        self._sink.on_internal_error(exc, "decode")
+                        continue
+                    if type(message) is Bar:
+                        group.append(message)
+                        continue
+                    if group:
+                        self._dispatch_bars(group, ts_recv)
+                        group = []
+                        if self._paused:
+                            self._held = message  # the rest of this chunk waits in the iterator
+                            return
+                    self._dispatch(message, ts_recv)
                     if self._paused:
-                        return  # the rest of this chunk waits in the suspended iterator
+                        return
             except FrameError as exc:
+                if group:
+                    self._dispatch_bars(group, ts_recv)  # whole messages before the bad bytes count
                 self._pending = None
+                self._held = None
                 self._backlog.clear()
-                sink.on_frame_error(exc)
+                self._sink.on_frame_error(exc)
                 if self._transport is not None:
                     self._transport.abort()
                 return
+            if group:
+                self._dispatch_bars(group, ts_recv)
             self._pending = None
+
+    def _dispatch_bars(self, group: list[Bar], ts_recv: int) -> None:
+        try:
+            if len(group) == 1:
+                self._sink.on_bar(group[0], ts_recv)
+            else:
+                self._sink.on_bar_group(group, ts_recv)
+        except Exception as exc:  # a bug in the sink: the sink escalates it
+            self._sink.on_internal_error(exc, "bar")
+
+    def _dispatch(self, message: Message, ts_recv: int) -> None:
+        sink = self._sink
+        try:
+            match message:
+                case Bar():
+                    sink.on_bar(message, ts_recv)
+                case MinuteEnd():
+                    sink.on_minute_end(message, ts_recv)
+                case Heartbeat():
+                    sink.on_heartbeat(message, ts_recv)
+                case Rejected():
+                    sink.on_rejected(message, ts_recv)
+                case UnknownType():
+                    sink.on_unknown_type(message)
+        except Exception as exc:  # a bug in the sink: the sink escalates it
+            sink.on_internal_error(exc, _KINDS.get(type(message), "decode"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending = None
+        self._held = None
         self._backlog.clear()
         self._sink.on_feed_lost()
         super().connection_lost(exc)
