@@ -31,6 +31,7 @@ from daemon.clock import Clock, SystemClock
 from daemon.config import Config
 from daemon.engineset import EngineSet, FailoverEvent
 from daemon.errors import ConfigError
+from daemon.feed.dbn_ingest import DbnFeedProtocol
 from daemon.feed.ingest import FeedConnector
 from daemon.metrics import StatsCollector
 from daemon.preflight import check_paths, load_engines, serving_standing
@@ -230,6 +231,7 @@ class Daemon:
             ),
             runtime.on_feed_event,
             self.clock.mono_ns,
+            self._dbn_protocol if f.format == "dbn" else None,
         )
         self._task(self._feed.run(), "feed")
         log.info(
@@ -241,6 +243,11 @@ class Daemon:
         )
         self._task(self._announce_ready(on_status), "ready")
         self._task(self._supervise(), "supervisor")
+
+    def _dbn_protocol(self) -> DbnFeedProtocol:
+        runtime = self.runtime
+        assert runtime is not None
+        return DbnFeedProtocol(runtime, runtime.symbols, runtime.bounds, self.clock.mono_ns, self.clock.wall_ns)
 
     def _task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A task of the daemon's; one that ends with an exception fail-stops the daemon (a task

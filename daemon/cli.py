@@ -212,6 +212,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         broker_port=args.broker_port,
         fix_sender=args.fix_sender,
         fix_target=args.fix_target,
+        feed=args.feed,
     )
     try:
         summary = _run_async(run_demo(options))
@@ -223,23 +224,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from daemon.feed.replay import ReplayError, ReplayServer, load_csv  # noqa: PLC0415
+    from daemon.feed.replay import ReplayError, open_replay  # noqa: PLC0415
 
     try:
-        minutes = load_csv(Path(args.file))
+        server = open_replay(Path(args.file), feed_format=args.format, speed=args.speed)
     except (OSError, ReplayError) as exc:
         print(f"tradingd replay: {exc}", file=sys.stderr)
         return 1
-
-    _serve(ReplayServer(minutes, speed=args.speed), args.host, args.port)
+    _serve(server, args.host, args.port)
     return 0
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from daemon.feed.synth import SynthParams, generate, write_csv  # noqa: PLC0415
+    from daemon.feed.synth import SynthParams, generate, write_csv, write_dbn_file  # noqa: PLC0415
 
     universe = generate(SynthParams(symbols=args.symbols, minutes=args.minutes, seed=args.seed))
-    rows = write_csv(universe, Path(args.out))
+    out = Path(args.out)
+    fmt = args.format or ("dbn" if out.name.endswith((".dbn", ".dbn.zst")) else "csv")
+    if fmt == "dbn":
+        rows = write_dbn_file(universe, out, compress="zstd" if out.name.endswith(".zst") else None)
+    else:
+        rows = write_csv(universe, out)
     print(f"wrote {rows} bars ({args.symbols} symbols x {args.minutes} minutes, seed {args.seed}) to {args.out}")
     return 0
 
@@ -451,7 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="feed, daemon and broker simulator on this machine, then a summary")
     p.add_argument("--minutes", type=int, default=30)
     p.add_argument("--symbols", type=int, default=32)
-    p.add_argument("--data", type=Path, help="replay this CSV instead of synthetic bars")
+    p.add_argument("--data", type=Path, help="replay this file (CSV or DBN) instead of synthetic bars")
+    p.add_argument("--feed", choices=["msgpack", "dbn"], help="feed format (default: dbn for a DBN file)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--review-threshold", type=float, default=1_000_000.0, help="park orders of this notional or more")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -471,8 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=0, help="serve metrics on 127.0.0.1:P (default: a free port)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("replay", help="serve a CSV of minute bars as a feed")
-    p.add_argument("file")
+    p = sub.add_parser("replay", help="serve a file of minute bars (CSV or DBN) as a feed")
+    p.add_argument("file", help="CSV, or DBN (.dbn or .dbn.zst, told apart by content)")
+    p.add_argument("--format", choices=["msgpack", "dbn"], default="msgpack", help="the feed protocol to serve it in")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True, help="0 picks a free port (printed on stdout)")
     p.add_argument("--speed", type=float, default=1.0, help="multiple of real time; 0 = as fast as possible")
@@ -482,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symbols", type=int, required=True)
     p.add_argument("--minutes", type=int, required=True)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the file to write (.dbn or .dbn.zst: DBN unless --format says)")
+    p.add_argument("--format", choices=["csv", "dbn"], help="csv, or dbn (OHLCV-1m; zstd when --out ends .zst)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("broker-sim", help="a broker simulator on the native gateway protocol")

@@ -45,6 +45,9 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 
 class FeedConfig(_Section, frozen=True):
+    # "msgpack": protocol v1 (a map per bar, minute_end); "dbn": Databento Binary Encoding,
+    # OHLCV-1m records, decoded in bulk (a minute ends when every symbol has reported it).
+    format: Literal["msgpack", "dbn"] = "msgpack"
     host: str = "127.0.0.1"
     # A connect the peer does not complete in this long (it takes the SYN and never answers)
     # fails and is retried after the backoff delay.

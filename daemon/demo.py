@@ -37,7 +37,7 @@ from daemon.config import (
     SignalConfig,
     UniverseConfig,
 )
-from daemon.feed.replay import load_csv, symbols_of
+from daemon.feed.replay import is_dbn_file, load_minutes, symbols_of
 from daemon.feed.synth import SynthParams, generate, write_csv
 from daemon.runtime import Runtime
 from daemon.stats import Stats
@@ -66,6 +66,7 @@ class DemoOptions:
     broker_port: int | None = None
     fix_sender: str = "TRADINGD"
     fix_target: str = "EXECUTOR"
+    feed: str | None = None  # "msgpack" or "dbn"; None: dbn for a DBN file, else msgpack
 
 
 async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -120,8 +121,9 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
         else:
             data = options.data
             source = str(data)
-        minutes = load_csv(data)
+        minutes = load_minutes(data)
         symbols = symbols_of(minutes)
+        feed_format = options.feed or ("dbn" if is_dbn_file(data) else "msgpack")
         total_minutes = len(minutes)
         total_bars = sum(len(m.bars) for m in minutes)
         broker_log = work / "broker-orders.jsonl"
@@ -148,9 +150,9 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
         feed = None
         daemon = None
         try:
-            feed, feed_port = await _spawn("replay", str(data), "--port", "0", "--speed", "0")
+            feed, feed_port = await _spawn("replay", str(data), "--port", "0", "--speed", "0", "--format", feed_format)
             config = Config(
-                feed=FeedConfig(port=feed_port),
+                feed=FeedConfig(port=feed_port, format=feed_format),  # type: ignore[arg-type]
                 universe=UniverseConfig(symbols=symbols),
                 broker=broker_config,
                 metrics=MetricsConfig(enabled=options.metrics, port=options.metrics_port),

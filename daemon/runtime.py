@@ -33,6 +33,7 @@ from daemon.desk import OrderDesk
 from daemon.engineset import EngineSet, Outcome, RerunFailedError
 from daemon.feed.columns import BarColumns, bounds_codes, from_bars
 from daemon.feed.dbn import CHECK_REASONS
+from daemon.feed.dbn_ingest import DbnFeedProtocol
 from daemon.feed.ingest import FeedProtocol
 from daemon.feed.protocol import (
     NS_PER_S,
@@ -107,7 +108,7 @@ class Runtime:
         self._inflight: _InFlight | None = None
         self._drain = False  # a minute_end asked for everything waiting to go now
         self._timer: asyncio.TimerHandle | None = None
-        self._feed: FeedProtocol | None = None
+        self._feed: FeedProtocol | DbnFeedProtocol | None = None
         self._feed_paused = False
         self._paused_since = 0
         self._last_seq: int | None = None
@@ -375,6 +376,16 @@ class Runtime:
         self._drain = True
         self._flush()
 
+    def on_minute_complete(self, ts: int) -> None:
+        """DBN's minute end: every symbol has reported the minute, or the next one began."""
+        self.flush_bars()
+        self.stats.minute_ends += 1
+        self._drain = True
+        self._flush()
+
+    def feed_minute(self) -> int | None:
+        return self._feed_ts
+
     def on_heartbeat(self, message: Heartbeat, ts_recv: int) -> None:
         self._seq(message.seq)
         self.stats.heartbeats += 1
@@ -397,7 +408,7 @@ class Runtime:
             {"message": f"feed {where} callback raised", "exception": exc, "where": where}
         )
 
-    def on_feed_connected(self, feed: FeedProtocol) -> None:
+    def on_feed_connected(self, feed: FeedProtocol | DbnFeedProtocol) -> None:
         self._feed = feed
         self._feed_paused = False
         self._last_seq = None  # a new session may restart its numbering
@@ -533,6 +544,10 @@ class Runtime:
             self.idle_event.set()
 
     # -- signals to orders ----------------------------------------------------------------
+
+    @property
+    def bounds(self) -> FeedBounds:
+        return self._bounds
 
     @property
     def feed_connected(self) -> bool:

@@ -107,6 +107,9 @@ def rig_config(tmp: Path, feed_port: int, broker_port: int, symbols: tuple[str, 
         "risk": RiskConfig(clock="feed"),
     }
     base.update(sections)
+    feed = base["feed"]
+    assert isinstance(feed, FeedConfig)
+    base["feed"] = msgspec.structs.replace(feed, port=feed_port)  # the scripted feed's, whatever was given
     # The rigs trade the shipped model, which is not qualified (see test_qualification).
     engines = base.get("engine", EnginesConfig())
     assert isinstance(engines, EnginesConfig)

@@ -199,8 +199,10 @@ class FeedConnector:
         backoff: Backoff,
         on_event: Callable[[str, str], None],
         now_ns: Callable[[], int],
+        protocol: Callable[[], ClosingProtocol] | None = None,
     ) -> None:
         self._sink = sink
+        self._protocol = protocol  # another feed format's protocol (DBN); default: msgpack v1
         self._host = host
         self._port = port
         self._max_frame_bytes = max_frame_bytes
@@ -211,7 +213,7 @@ class FeedConnector:
 
     async def run(self) -> None:
         await keep_connected(
-            lambda: FeedProtocol(self._sink, self._max_frame_bytes, self._now_ns),
+            self._protocol or (lambda: FeedProtocol(self._sink, self._max_frame_bytes, self._now_ns)),
             self._host,
             self._port,
             self._backoff,
