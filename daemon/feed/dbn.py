@@ -137,6 +137,7 @@ BAR_NS: Mapping[int, int] = {
     RType.OHLCV_EOD: 86_400 * _NS_PER_S,
 }
 _BAR_NS_TABLE = np.zeros(256, dtype=np.uint64)
+_I64_MAX_U = np.uint64(_I64_MAX)
 for _rtype, _ns in BAR_NS.items():
     _BAR_NS_TABLE[_rtype] = _ns
 
@@ -702,7 +703,7 @@ class InstrumentIndex:
         """The universe slot of each id, -1 where unknown."""
         table = self._table
         if table is not None:
-            return table[np.minimum(instrument_ids, len(table) - 1)]
+            return table.take(instrument_ids, mode="clip")  # past the end: the last entry, -1
         at = np.minimum(np.searchsorted(self.ids, instrument_ids), len(self.ids) - 1)
         return np.where(self.ids[at] == instrument_ids, self.slots[at], np.int32(-1))
 
@@ -720,7 +721,18 @@ CHECK_REASONS: tuple[RejectReason | None, ...] = (
     RejectReason.AHEAD_OF_FEED,
     RejectReason.UNKNOWN_SYMBOL,
 )
-_CODES = np.arange(1, len(CHECK_REASONS), dtype=np.uint8)
+
+
+# The decode-level rules, which a bar shows on its own: ``ohlcv_columns`` applies these; the
+# bounds and the symbol lookup come after, in ``reject_codes`` or the runtime.
+DECODE_CODES = 3
+assert CHECK_REASONS[DECODE_CODES + 1 :] == (
+    RejectReason.PRICE_OUT_OF_RANGE,
+    RejectReason.VOLUME_OUT_OF_RANGE,
+    RejectReason.FUTURE_TS,
+    RejectReason.AHEAD_OF_FEED,
+    RejectReason.UNKNOWN_SYMBOL,
+)
 
 
 def _clamp_i64(value: int) -> np.int64:
@@ -738,6 +750,71 @@ def prices(bars: OhlcvArray, name: str) -> npt.NDArray[np.float64]:
     return np.asarray(bars[name].astype(np.float64) / _PRICE_SCALE_F, dtype=np.float64)
 
 
+class OhlcvColumns(NamedTuple):
+    """OHLCV records as contiguous columns, the values the equivalent v1 bars would carry.
+
+    ``idx``: the instrument's slot in the index's universe, -1 when unknown. ``ts``: the bar's
+    close (ts_event + its duration; 0 where that is past i64). Prices ``fixed / 1e9``, volume
+    as float64. ``codes``: 0, or the ``CHECK_REASONS`` index of the first decode-level rule the
+    bar breaks (close past i64, a non-positive price, inconsistent OHLC); the bounds and the
+    unknown symbol are not applied here.
+    """
+
+    idx: npt.NDArray[np.int64]
+    ts: npt.NDArray[np.int64]
+    open: npt.NDArray[np.float64]
+    high: npt.NDArray[np.float64]
+    low: npt.NDArray[np.float64]
+    close: npt.NDArray[np.float64]
+    volume: npt.NDArray[np.float64]
+    codes: npt.NDArray[np.uint8]
+
+
+def ohlcv_columns(bars: OhlcvArray, index: InstrumentIndex) -> OhlcvColumns:
+    """The records as columns with their decode-level codes (see ``OhlcvColumns``)."""
+    n = len(bars)
+    ts_event = bars["ts_event"]
+    durations = _BAR_NS_TABLE.take(bars["rtype"])
+    ts_out_of_range = ts_event > _I64_MAX_U - durations
+    ts = (ts_event + durations).view(np.int64)  # wraps past u64 only where out of range
+    # The four prices as one block: one strided read and conversion into [4, n], rows contiguous.
+    px = bars.view(_price_block(bars.dtype))["px"].T.astype(np.float64, order="C")
+    px /= _PRICE_SCALE_F
+    o, h, lo, c = px
+    low_body, high_body = np.minimum(o, c), np.maximum(o, c)
+    non_positive = np.minimum(np.minimum(low_body, lo), h) <= 0.0
+    inconsistent = (lo > low_body) | (h < high_body)
+    codes = _first_code([ts_out_of_range, non_positive, inconsistent], first=1)
+    if codes is None:
+        codes = np.zeros(n, dtype=np.uint8)
+    elif ts_out_of_range.any():
+        ts = np.where(ts_out_of_range, np.int64(0), ts)  # a wrapped close never looks valid
+    return OhlcvColumns(
+        idx=index.lookup(bars["instrument_id"]).astype(np.int64),
+        ts=ts,
+        open=o,
+        high=h,
+        low=lo,
+        close=c,
+        volume=bars["volume"].astype(np.float64),
+        codes=codes,
+    )
+
+
+def _first_code(conditions: Sequence[npt.NDArray[np.bool_]], first: int) -> npt.NDArray[np.uint8] | None:
+    # Per row, ``first`` + the index of the first true condition, else 0; None when none holds
+    # anywhere, the usual case, which then costs one reduction.
+    anywhere = conditions[0]
+    for condition in conditions[1:]:
+        anywhere = anywhere | condition
+    if not anywhere.any():
+        return None
+    codes = np.zeros(len(conditions[0]), dtype=np.uint8)
+    for k in range(len(conditions) - 1, -1, -1):  # the first rule broken writes last, so it wins
+        np.putmask(codes, conditions[k], first + k)
+    return codes
+
+
 def reject_codes(
     bars: OhlcvArray,
     symbols_of_ids: Mapping[int, str] | InstrumentIndex,
@@ -753,50 +830,36 @@ def reject_codes(
     array (a v1 feed moves it bar by bar; within one minute's bars that is the same).
     """
     index = symbols_of_ids if isinstance(symbols_of_ids, InstrumentIndex) else InstrumentIndex(symbols_of_ids)
-    n = len(bars)
-    ts_event = np.ascontiguousarray(bars["ts_event"])  # one strided read, compared up to three times
-    rtypes = bars["rtype"]
-    future_limit = min(now_ns + bounds.max_future_ns, _I64_MAX)
-    ahead_limit = None if feed_ts is None else min(feed_ts + bounds.max_ahead_ns, _I64_MAX)
-    if n and bool((rtypes == rtypes[0]).all()):
-        # One bar size (the usual case): compare ts_event with each limit less the duration,
-        # never building the close times. A close past i64 is out of range; the later rules
-        # only matter for the bars within it.
-        duration = int(_BAR_NS_TABLE[rtypes[0]])
-        ts_out_of_range = _above(ts_event, _I64_MAX - duration)
-        future = _above(ts_event, future_limit - duration)
-        ahead = None if ahead_limit is None else _above(ts_event, ahead_limit - duration)
-    else:
-        durations = _BAR_NS_TABLE[rtypes]
-        ts_out_of_range = ts_event > np.uint64(_I64_MAX) - durations
-        ts = np.where(ts_out_of_range, np.uint64(0), ts_event + durations).view(np.int64)
-        future = ts > np.int64(max(future_limit, _I64_MIN))
-        ahead = None if ahead_limit is None else ts > np.int64(max(ahead_limit, _I64_MIN))
-    # The four prices as one block: one strided read and conversion into [4, n], rows contiguous.
-    px = bars.view(_price_block(bars.dtype))["px"].T.astype(np.float64, order="C")
-    px /= _PRICE_SCALE_F
-    o, h, lo, c = px
-    low_body, high_body = np.minimum(o, c), np.maximum(o, c)
-    non_positive = np.minimum(np.minimum(low_body, lo), h) <= 0.0
-    inconsistent = (lo > low_body) | (h < high_body)
-    price_out = (lo < bounds.min_price) | (h > bounds.max_price)
-    volume_out = bars["volume"].astype(np.float64) > bounds.max_volume
-    unknown = index.lookup(bars["instrument_id"]) < 0
-    conditions = [ts_out_of_range, non_positive, inconsistent, price_out, volume_out, future]
-    if ahead is not None:
-        conditions.append(ahead)
-    codes = list(_CODES[: len(conditions)])
-    conditions.append(unknown)
-    codes.append(_CODES[-1])
-    return np.asarray(np.select(conditions, codes, 0), dtype=np.uint8)
+    if len(bars) <= _CHECK_BLOCK:
+        return _reject_block(bars, index, bounds, now_ns, feed_ts)
+    # A long array block by block: each block's several passes then run in cache.
+    out = np.empty(len(bars), dtype=np.uint8)
+    for start in range(0, len(bars), _CHECK_BLOCK):
+        stop = start + _CHECK_BLOCK
+        out[start:stop] = _reject_block(bars[start:stop], index, bounds, now_ns, feed_ts)
+    return out
 
 
-def _above(values: npt.NDArray[np.uint64], limit: int) -> npt.NDArray[np.bool_]:
-    if limit < 0:
-        return np.ones(len(values), dtype=bool)
-    if limit >= _U64_MAX:
-        return np.zeros(len(values), dtype=bool)
-    return np.asarray(values > np.uint64(limit), dtype=bool)
+_CHECK_BLOCK = 16_384  # under 1 MiB of records
+
+
+def _reject_block(
+    bars: OhlcvArray, index: InstrumentIndex, bounds: FeedBounds, now_ns: int, feed_ts: int | None
+) -> npt.NDArray[np.uint8]:
+    cols = ohlcv_columns(bars, index)
+    ts = cols.ts
+    bounded = [
+        (cols.low < bounds.min_price) | (cols.high > bounds.max_price),
+        cols.volume > bounds.max_volume,
+        ts > _clamp_i64(now_ns + bounds.max_future_ns),
+        np.zeros(len(ts), dtype=bool) if feed_ts is None else ts > _clamp_i64(feed_ts + bounds.max_ahead_ns),
+        cols.idx < 0,
+    ]
+    later = _first_code(bounded, first=DECODE_CODES + 1)
+    codes = cols.codes
+    if later is not None:
+        np.copyto(codes, later, where=codes == 0)
+    return codes
 
 
 _PRICE_BLOCKS: dict[int, np.dtype[np.void]] = {}
@@ -821,13 +884,16 @@ def check_bars(
 ) -> tuple[npt.NDArray[np.bool_], dict[RejectReason, int]]:
     """(accepted mask, rejections counted by reason): ``reject_codes`` summarised."""
     codes = reject_codes(bars, symbols_of_ids, bounds, now_ns, feed_ts)
-    counts = np.bincount(codes, minlength=len(CHECK_REASONS))
+    accepted = codes == 0
     by_reason: dict[RejectReason, int] = {}
+    if accepted.all():
+        return accepted, by_reason
+    counts = np.bincount(codes, minlength=len(CHECK_REASONS))
     for code in (np.flatnonzero(counts[1:]) + 1).tolist():
         reason = CHECK_REASONS[code]
         assert reason is not None
         by_reason[reason] = int(counts[code])
-    return codes == 0, by_reason
+    return accepted, by_reason
 
 
 def split_minutes(bars: OhlcvArray) -> list[tuple[int, int]]:
