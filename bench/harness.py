@@ -121,9 +121,34 @@ class Driver:
         period = self.o.period_ms / (10.0 if o.scenario == "overload" else 1.0)
         self.period_ns = int(period * 1e6)
 
+    def _dbn(self) -> tuple[bytes, list[list[bytes]]]:
+        """The minutes as DBN: the metadata and symbol mappings, then each bar's 56-byte record."""
+        from daemon.feed import dbn  # noqa: PLC0415
+
+        names = sorted({b.symbol for m in self.minutes for b in m})
+        ids = {name: k for k, name in enumerate(names, start=1)}
+        first = self.minutes[0][0].ts - 60 * NS
+        end = self.minutes[-1][0].ts
+        symbols = {k: name for name, k in ids.items()}
+        prologue = dbn.ohlcv_metadata(symbols, first, end).encode() + dbn.symbol_mapping_records(symbols, 3, first, end)
+        out = []
+        for bars in self.minutes:
+            records = dbn.make_ohlcv(
+                [ids[b.symbol] for b in bars],
+                [b.ts - 60 * NS for b in bars],
+                *([round(getattr(b, f) * 1e9) for b in bars] for f in ("open", "high", "low", "close")),
+                [int(b.volume) for b in bars],
+            )
+            out.append([r.tobytes() for r in records])
+        return prologue, out
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connected.set()
         packer = msgpack.Packer()
+        dbn_records: list[list[bytes]] | None = None
+        if self.o.feed == "dbn":
+            prologue, dbn_records = self._dbn()
+            writer.write(prologue)
         t0 = time.time_ns() + 200_000_000
         seq = 0
         for m, bars in enumerate(self.minutes):
@@ -148,9 +173,10 @@ class Driver:
                     if lag > 1_000_000:
                         self.late += 1
                         self.max_lag_ns = max(self.max_lag_ns, lag)
-                chunk.append(packer.pack(bar_map(bar)))
+                chunk.append(dbn_records[m][k] if dbn_records is not None else packer.pack(bar_map(bar)))
                 seq = bar.seq
-            chunk.append(packer.pack(minute_end_map(seq + 1, bars[0].ts, len(bars))))
+            if dbn_records is None:  # DBN has no minute_end: the daemon ends a minute when all reported
+                chunk.append(packer.pack(minute_end_map(seq + 1, bars[0].ts, len(bars))))
             writer.write(b"".join(chunk))
             await writer.drain()
         self.done.set()
@@ -236,6 +262,7 @@ async def run(o: Options, work: Path) -> Report:
     config.write_text(
         f"""
 [feed]
+format = "{o.feed}"
 port = {feed_port}
 max_frame_bytes = 4096
 [broker]

@@ -54,6 +54,24 @@ class SignalPolicy:
         self._max_target = min(max_position, MAX_QTY) // lot * lot
         self._max_order = min(max_order_qty, MAX_QTY) // lot * lot
 
+    @property
+    def max_target(self) -> int:
+        return self._max_target
+
+    @property
+    def max_order(self) -> int:
+        return self._max_order
+
+    def intents(
+        self,
+        cls: npt.NDArray[np.int64],
+        confidence: npt.NDArray[np.float64],
+        close: npt.NDArray[np.float64],
+        exposure: npt.NDArray[np.int64],
+    ) -> Intents:
+        """``intent`` for every row at once (the same orders, exactly)."""
+        return _intents(self, cls, confidence, close, exposure)
+
     @classmethod
     def from_config(cls, config: Config) -> SignalPolicy:
         """The policy of ``[signal]``, sizing within the largest order and position ``[risk]``
@@ -98,3 +116,43 @@ class SignalPolicy:
         if price <= 0.0:
             return None
         return Intent(side=side, qty=abs(delta), price=price, target=exposure + delta)
+
+
+@dataclass(frozen=True, slots=True)
+class Intents:
+    """``SignalPolicy.intents`` over a batch: the rows that make an order, and each order."""
+
+    rows: npt.NDArray[np.int64]  # positions in the arrays given, in order
+    side: npt.NDArray[np.int64]  # +1 buy, -1 sell
+    qty: npt.NDArray[np.int64]
+    price: list[float]
+    target: npt.NDArray[np.int64]
+
+
+def _intents(
+    policy: SignalPolicy,
+    cls: npt.NDArray[np.int64],
+    confidence: npt.NDArray[np.float64],
+    close: npt.NDArray[np.float64],
+    exposure: npt.NDArray[np.int64],
+) -> Intents:
+    c = policy.config
+    with np.errstate(all="ignore"):
+        priced = (close > 0.0) & (close < math.inf)
+        active = (cls != HOLD) & (confidence >= c.confidence_threshold) & priced
+        shares = np.where(priced, c.notional_per_signal / np.where(priced, close, 1.0), 0.0)
+        lots = np.floor(shares / c.lot_size) * c.lot_size
+        size = np.where(shares >= policy.max_target, policy.max_target, np.where(active, lots, 0.0)).astype(np.int64)
+    target = np.where(cls == BUY, size, -size if c.allow_short else 0)
+    delta = np.clip(target - exposure, -policy.max_order, policy.max_order)
+    rows = np.flatnonzero(active & (delta != 0))
+    delta = delta[rows]
+    side = np.where(delta > 0, 1, -1)
+    offset = c.limit_offset_bps / 10_000.0
+    raw = np.where(side > 0, close[rows] * (1.0 + offset), close[rows] * (1.0 - offset))
+    price = [round(x, 2) for x in raw.tolist()]
+    keep = np.array([p > 0.0 for p in price], dtype=bool)
+    if not keep.all():
+        rows, delta, side = rows[keep], delta[keep], side[keep]
+        price = [p for p, k in zip(price, keep.tolist(), strict=True) if k]
+    return Intents(rows, side, np.abs(delta), price, exposure[rows] + delta)

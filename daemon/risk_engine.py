@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,6 +20,7 @@ from broker.orders import Order, OrderBook
 from daemon.clock import Clock
 from daemon.config import Config, RiskConfig
 from daemon.windows import FeatureWindows
+from risk import batch_gates as bg
 from risk.gates import Limits, OrderCheck, RiskView, SymbolLimits, check_order, needs_review
 from risk.halts import HaltBook, HaltEvent, HaltRule
 from risk.review import Parked, ReviewQueue
@@ -140,6 +142,70 @@ class RiskEngine:
         if review and needs_review(check, self.limits, view):
             return Decision(None, park=True, notional=check.notional)
         return Decision(None, notional=check.notional)
+
+    def batch_view(
+        self, idx: npt.NDArray[np.int64], symbols: list[str], position: npt.NDArray[np.int64], gross: Gross, orders: Any
+    ) -> bg.BatchView:
+        """What ``_view`` gives each order, for a batch of orders of distinct symbols at once."""
+        wall = self.clock.wall_ns()
+        window_start = wall - self.limits.throttle_window_ns
+        recent = self.recent_sends
+        while recent and recent[0] <= window_start:
+            recent.popleft()
+        w = self.windows
+        priced = w.count[idx] > 0
+        ref = np.where(priced, w.last_close[idx], 0.0)
+        state = self.halts.state
+        codes = np.fromiter((bg.STATE_CODE[state[s]] for s in symbols), dtype=np.int8, count=len(symbols))
+        last_same = self._last_same
+        same = (
+            np.fromiter(
+                (
+                    last_same.get((s, "buy" if side > 0 else "sell", q, p), bg.NO_TIME)
+                    for s, side, q, p in zip(
+                        symbols, orders.side.tolist(), orders.qty.tolist(), orders.price, strict=True
+                    )
+                ),
+                dtype=np.int64,
+                count=len(symbols),
+            )
+            if last_same
+            else np.full(len(symbols), bg.NO_TIME, dtype=np.int64)
+        )
+        reviews = self.reviews
+        pending = (
+            np.fromiter((reviews.has_symbol(s) for s in symbols), dtype=bool, count=len(symbols))
+            if len(reviews)
+            else np.zeros(len(symbols), dtype=bool)
+        )
+        lim = self.limits
+        per = [lim.for_symbol(s) for s in symbols] if lim.per_symbol else None
+        d = lim.default
+
+        def column(name: str, dtype: Any) -> Any:
+            if per is None:
+                return np.full(len(symbols), getattr(d, name), dtype=dtype)
+            return np.array([getattr(x, name) for x in per], dtype=dtype)
+
+        return bg.BatchView(
+            now_ns=self.now(),
+            wall_ns=wall,
+            kill=self.kill,
+            market=self.halts.market,
+            symbol_state=codes,
+            ref_price=ref,
+            ref_price_ts=w.last_ts[idx],
+            position=position,
+            gross_exposure=gross.value,
+            unpriced=gross.unpriced is not None,
+            recent_orders=len(recent),
+            last_same_ts=same,
+            review_pending=pending,
+            max_order_qty=column("max_order_qty", np.int64),
+            max_order_notional=column("max_order_notional", np.float64),
+            max_position=column("max_position", np.int64),
+            collar_pct=column("collar_pct", np.float64),
+        )
 
     def exposure_change(self, order: Order, position: int) -> float:
         """How much an order adds to gross exposure if it fills (for the rest of the batch)."""

@@ -283,6 +283,7 @@ class Stats:
     batch_size: LatencyRecorder = field(default_factory=lambda: LatencyRecorder(1 << 12, BATCH_SIZE_BOUNDS))
     accuracy: SignalAccuracy = field(default_factory=lambda: SignalAccuracy(500))
     stages: OrderStages = field(default_factory=OrderStages)
+    orders_batch_gated: int = 0  # orders the batch gates let go at once (the rest: one by one)
     batch_buckets: Counter[int] = field(default_factory=Counter)  # batches by the bucket they ran in
     # The deploy gate's word on the model serving (set at start): qualified or traded anyway,
     # the accuracy it qualified with, and the live accuracy the alert fires under.

@@ -22,6 +22,7 @@ and in the same order as ``decode`` plus ``check_bar`` do for one v1 bar.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 from collections import Counter
@@ -370,25 +371,64 @@ class _Cursor:
         at = self.base + self.pos
         raw = self.take(size, what)
         try:
-            return raw.split(b"\0", 1)[0].decode("utf-8")
+            return _text(raw)
         except UnicodeDecodeError as exc:
             raise DbnDecodeError(DbnProblem.BAD_METADATA, f"{what} is not UTF-8: {raw!r}", at) from exc
 
     def cstrs(self, size: int, what: str) -> tuple[str, ...]:
         (count,) = self.unpack("<I", f"{what} count")
-        if count * size > len(self.body) - self.pos:
-            raise DbnDecodeError(
-                DbnProblem.BAD_METADATA, f"{count} {what} do not fit in the metadata", self.base + self.pos
-            )
-        return tuple(self.cstr(size, what) for _ in range(count))
-
-    def day(self, what: str) -> date:
         at = self.base + self.pos
-        (raw,) = self.unpack("<I", what)
+        if count * size > len(self.body) - self.pos:
+            raise DbnDecodeError(DbnProblem.BAD_METADATA, f"{count} {what} do not fit in the metadata", at)
+        raws = np.frombuffer(self.body, f"S{size}", count, self.pos).tolist() if count else []
+        self.pos += count * size
         try:
-            return date(raw // 10_000, raw // 100 % 100, raw % 100)
-        except ValueError as exc:
-            raise DbnDecodeError(DbnProblem.BAD_METADATA, f"{what} {raw} is not a YYYYMMDD date", at) from exc
+            return tuple(_text(raw) for raw in raws)
+        except UnicodeDecodeError as exc:
+            raise DbnDecodeError(DbnProblem.BAD_METADATA, f"{what}: a symbol is not UTF-8: {exc}", at) from exc
+
+    def mappings(self, size: int) -> tuple[SymbolMapping, ...]:
+        (count,) = self.unpack("<I", "mappings count")
+        body, pos, end = self.body, self.pos, len(self.body)
+        interval_len = 8 + size
+        u32, two_u32 = _U32.unpack_from, _TWO_U32.unpack_from
+        out: list[SymbolMapping] = []
+        try:
+            for _ in range(count):
+                if pos + size + 4 > end:
+                    raise ValueError("runs past the end of the metadata")
+                raw_symbol = _text(body[pos : pos + size])
+                (intervals_count,) = u32(body, pos + size)
+                pos += size + 4
+                if intervals_count * interval_len > end - pos:
+                    raise ValueError(f"declares {intervals_count} intervals that do not fit in the metadata")
+                intervals = []
+                for _ in range(intervals_count):
+                    start, stop = two_u32(body, pos)
+                    symbol = _text(body[pos + 8 : pos + interval_len])
+                    intervals.append(MappingInterval(_yyyymmdd_date(start), _yyyymmdd_date(stop), symbol))
+                    pos += interval_len
+                out.append(SymbolMapping(raw_symbol, tuple(intervals)))
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise DbnDecodeError(DbnProblem.BAD_METADATA, f"mappings[{len(out)}] {exc}", self.base + pos) from exc
+        self.pos = pos
+        return tuple(out)
+
+
+_U32 = struct.Struct("<I")
+_TWO_U32 = struct.Struct("<II")
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8")
+
+
+@functools.lru_cache(maxsize=4096)
+def _yyyymmdd_date(raw: int) -> date:
+    try:
+        return date(raw // 10_000, raw // 100 % 100, raw % 100)
+    except ValueError:
+        raise ValueError(f"has {raw}, which is not a YYYYMMDD date") from None
 
 
 def _check_prelude(buf: bytes | memoryview, max_bytes: int) -> tuple[int, int] | None:
@@ -468,26 +508,7 @@ def _parse_metadata(version: int, body: bytes) -> Metadata:
     symbols = c.cstrs(cstr_len, "symbols")
     partial = c.cstrs(cstr_len, "partial")
     not_found = c.cstrs(cstr_len, "not_found")
-    (mapping_count,) = c.unpack("<I", "mappings count")
-    mappings = []
-    for i in range(mapping_count):
-        raw_symbol = c.cstr(cstr_len, f"mappings[{i}].raw_symbol")
-        (interval_count,) = c.unpack("<I", f"mappings[{i}] interval count")
-        if interval_count * (8 + cstr_len) > len(body) - c.pos:
-            raise DbnDecodeError(
-                DbnProblem.BAD_METADATA,
-                f"mappings[{i}] declares {interval_count} intervals that do not fit in the metadata",
-                c.base + c.pos,
-            )
-        intervals = tuple(
-            MappingInterval(
-                c.day(f"mappings[{i}].intervals[{j}].start_date"),
-                c.day(f"mappings[{i}].intervals[{j}].end_date"),
-                c.cstr(cstr_len, f"mappings[{i}].intervals[{j}].symbol"),
-            )
-            for j in range(interval_count)
-        )
-        mappings.append(SymbolMapping(raw_symbol, intervals))
+    mappings = c.mappings(cstr_len)
     return Metadata(
         version=version,
         dataset=dataset,
@@ -502,7 +523,7 @@ def _parse_metadata(version: int, body: bytes) -> Metadata:
         symbols=symbols,
         partial=partial,
         not_found=not_found,
-        mappings=tuple(mappings),
+        mappings=mappings,
     )
 
 
@@ -628,13 +649,7 @@ class DbnDecoder:
                         f"OHLCV record of {length} bytes, expected {size}",
                         self._consumed + pos,
                     )
-                # Length and rtype of every record-sized step ahead at once: the run ends at the
-                # first that differs, which is a real record boundary (all before it are `size`).
-                n = (end - pos) // size
-                keys = np.frombuffer(data, self._key_dtype, n, pos)["key"]
-                differs = keys != (size // 4 | rtype << 8)
-                if n > 1 and differs.any():
-                    n = int(differs.argmax())
+                n = self._run_length(data, pos, (end - pos) // size, size // 4 | rtype << 8)
                 runs.append(np.frombuffer(data, self.dtype, n, pos))
                 pos += n * size
             elif rtype == RType.SYMBOL_MAPPING:
@@ -648,6 +663,21 @@ class DbnDecoder:
         bars = runs[0] if len(runs) == 1 else np.concatenate(runs)
         self.records += len(bars)
         return bars, pos
+
+    def _run_length(self, data: bytes, pos: int, most: int, key: int) -> int:
+        # Length and rtype of record-sized steps ahead, a window at a time: the run ends at the
+        # first step that differs, a real record boundary (every record before it is this size).
+        # Windows that grow keep a chunk of OHLCV to a check or two, and a run cut short by
+        # interleaved records from rescanning the rest of a large buffer each time.
+        n, window = 0, _FIRST_WINDOW
+        while n < most:
+            take = min(window, most - n)
+            differs = np.frombuffer(data, self._key_dtype, take, pos + n * self._record_len)["key"] != key
+            if differs.any():
+                return n + int(differs.argmax())
+            n += take
+            window *= 8
+        return n
 
     def _mapping(self, data: bytes, pos: int, length: int, mappings: dict[int, str]) -> None:
         if length >= SYMBOL_MAPPING_DTYPE.itemsize:
@@ -664,6 +694,9 @@ class DbnDecoder:
         symbol = bytes(record["stype_out_symbol"]).split(b"\0", 1)[0].decode("utf-8", "replace")
         if symbol:
             mappings[int(record["instrument_id"])] = symbol
+
+
+_FIRST_WINDOW = 256
 
 
 def _key_dtype(record_len: int) -> np.dtype[np.void]:
