@@ -500,7 +500,11 @@ class Runtime:
                 self.desk.record_failover(outcome.event, rows=n)
             timing = BatchTiming(inflight.started_ns, back, outcome.elapsed_ns, n, inflight.bucket)
             s.batch_buckets[inflight.bucket] += 1
-            self._act(batch, outcome.logits[:n], outcome.engine, timing)
+            # The logits are the engine's buffer: copied, so the next batch can start inferring
+            # on the thread while this one's orders are decided here.
+            logits = outcome.logits[:n].copy()
+            self._flush()
+            self._act(batch, logits, outcome.engine, timing)
         self._flush()
         self._backpressure()
 
