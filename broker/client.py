@@ -23,6 +23,12 @@ class Gateway(Protocol):
 
     def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool: ...
 
+    def cork(self) -> None:
+        """Hold what ``send`` writes until ``uncork``: a batch's orders go out in one write."""
+        ...
+
+    def uncork(self) -> None: ...
+
     async def run(self) -> None: ...
 
     def stop(self) -> None: ...
@@ -78,6 +84,7 @@ class GatewayClient:
         self.max_frame_bytes = max_frame_bytes
         self._transport: asyncio.Transport | None = None
         self._packer = msgpack.Packer()
+        self._corked: list[bytes] | None = None  # writes held by cork()
         self._stopping = asyncio.Event()
         self.connected_event = asyncio.Event()
         self.malformed = 0
@@ -105,8 +112,22 @@ class GatewayClient:
         transport = self._transport
         if transport is None or transport.is_closing():
             return False
-        transport.write(self._packer.pack(wire.encode(message)))
+        data = self._packer.pack(wire.encode(message))
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            transport.write(data)
         return True
+
+    def cork(self) -> None:
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        held, self._corked = self._corked, None
+        transport = self._transport
+        if held and transport is not None and not transport.is_closing():
+            transport.write(b"".join(held))
 
     def _attach(self, transport: asyncio.Transport) -> None:
         self._transport = transport

@@ -354,6 +354,12 @@ class FixGatewayClient:
             self._send(LOGOUT, [(TEXT, "tradingd stopping")])
         self._stopping.set()
 
+    def cork(self) -> None:
+        """Nothing to hold: each message is written as it is sent."""
+
+    def uncork(self) -> None:
+        pass
+
     def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
         """Write one message; True only when it was written: False when the session is not
         logged on, is logging out (``stop``), or its connection is closing, and for a cancel of an

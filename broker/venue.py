@@ -98,6 +98,12 @@ class SimVenue:
     def stop(self) -> None:
         self._stopped.set()
 
+    def cork(self) -> None:
+        """Nothing to hold: each message is written as it is sent."""
+
+    def uncork(self) -> None:
+        pass
+
     def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
         match message:
             case wire.NewOrder():

@@ -149,29 +149,20 @@ class OrderManager:
             return
         if CRASH.armed:
             CRASH.reached("batch_synced")
-        gateway = self.gateway
+        # One write for the batch (bar a crash test, which must see a batch partly written).
+        corked = self.gateway if not CRASH.armed else None
+        if corked is not None:
+            corked.cork()
+        try:
+            written = self._write(outbox)
+        finally:
+            if corked is not None:
+                corked.uncork()
+        # Sent when written to the socket: after the batch's one write, for every order in it.
+        ts_send = self.clock.mono_ns()
         s = self.stats
         sent: list[tuple[dict[str, Any], int | None]] = []
-        unsent = 0
-        for k, (order, fields) in enumerate(outbox):
-            if CRASH.armed and k == 1:
-                CRASH.reached("batch_partly_sent")
-            message = wire.NewOrder(
-                order.cl_ord_id, order.symbol, order.side, order.qty, order.price, self.clock.wall_ns()
-            )
-            written = gateway is not None and gateway.send(message)
-            if CRASH.armed and written:
-                CRASH.reached("sent_not_marked")
-            if not written:
-                unsent += 1
-                detail = "the gateway could not write it (disconnected)"
-                self.journal.append(rec.Abandoned(ts=self.clock.wall_ns(), id=order.cl_ord_id, detail=detail))
-                self.book.deny(order)
-                s.sends_failed += 1
-                s.orders_denied["send_failed"] += 1
-                log.error("order_not_sent", detail=detail, **fields)
-                continue
-            ts_send = self.clock.mono_ns()
+        for order, fields in written:
             self.book.mark_sent(order, ts_send)
             s.orders_sent += 1
             latency = ts_send - order.ts_recv if order.ts_recv else None
@@ -180,11 +171,36 @@ class OrderManager:
                 if timing is not None and order.ts_ready:
                     s.stages.record(order.ts_recv, order.ts_ready, timing, decided_ns, synced, ts_send)
             sent.append((fields, latency))
-        if unsent:
+        if len(written) < len(outbox):
             self.journal.sync()
         # Logged after the whole batch is on the wire: a log line never delays the next order.
         for fields, latency in sent:
             log.info("order_sent", tick_to_order_us=latency // 1000 if latency is not None else None, **fields)
+
+    def _write(self, outbox: list[tuple[Order, dict[str, Any]]]) -> list[tuple[Order, dict[str, Any]]]:
+        """Hand each order to the gateway; one it cannot write is closed as never sent."""
+        gateway = self.gateway
+        s = self.stats
+        written = []
+        for k, (order, fields) in enumerate(outbox):
+            if CRASH.armed and k == 1:
+                CRASH.reached("batch_partly_sent")
+            message = wire.NewOrder(
+                order.cl_ord_id, order.symbol, order.side, order.qty, order.price, self.clock.wall_ns()
+            )
+            ok = gateway is not None and gateway.send(message)
+            if CRASH.armed and ok:
+                CRASH.reached("sent_not_marked")
+            if not ok:
+                detail = "the gateway could not write it (disconnected)"
+                self.journal.append(rec.Abandoned(ts=self.clock.wall_ns(), id=order.cl_ord_id, detail=detail))
+                self.book.deny(order)
+                s.sends_failed += 1
+                s.orders_denied["send_failed"] += 1
+                log.error("order_not_sent", detail=detail, **fields)
+                continue
+            written.append((order, fields))
+        return written
 
     # -- cancels --------------------------------------------------------------------------
 

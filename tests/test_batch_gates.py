@@ -40,6 +40,12 @@ class _Gateway:
     def __init__(self) -> None:
         self.sent: list[Any] = []
 
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
     def send(self, message: Any) -> bool:
         self.sent.append(message)
         return True

@@ -52,6 +52,12 @@ class DroppingGateway:
     def connected(self) -> bool:
         return True
 
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
     def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
         self.calls += 1
         if self.raise_on is not None and self.calls == self.raise_on:
@@ -376,6 +382,12 @@ class SwitchableGateway(DroppingGateway):
     @property
     def connected(self) -> bool:
         return self.up
+
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
 
     def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
         return self.up and super().send(message)

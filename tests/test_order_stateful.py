@@ -118,6 +118,12 @@ class ModelGateway:
     def connected(self) -> bool:
         return self.broker.connected
 
+    def cork(self) -> None:
+        pass
+
+    def uncork(self) -> None:
+        pass
+
     def send(self, message: wire.NewOrder | wire.Cancel | wire.StatusRequest) -> bool:
         b = self.broker
         if not b.connected:
