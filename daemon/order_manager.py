@@ -13,9 +13,11 @@ journal write that fails, a broken invariant) propagates: the daemon fail-stops 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import structlog
 
 from broker import protocol as wire
@@ -31,6 +33,12 @@ from daemon.stats import Stats
 log = structlog.get_logger("tradingd.orders")
 
 NS = 1_000_000_000
+
+
+def _info(logger: Any) -> bool:
+    """Whether ``logger`` writes info lines (the per-order lines cost nothing when it does not)."""
+    enabled = getattr(logger, "is_enabled_for", None)
+    return bool(enabled(logging.INFO)) if enabled is not None else True
 
 
 def synthetic_report(
@@ -161,21 +169,24 @@ class OrderManager:
         # Sent when written to the socket: after the batch's one write, for every order in it.
         ts_send = self.clock.mono_ns()
         s = self.stats
-        sent: list[tuple[dict[str, Any], int | None]] = []
-        for order, fields in written:
-            self.book.mark_sent(order, ts_send)
-            s.orders_sent += 1
-            latency = ts_send - order.ts_recv if order.ts_recv else None
-            if latency is not None:
-                s.tick_to_order.record(latency)
-                if timing is not None and order.ts_ready:
-                    s.stages.record(order.ts_recv, order.ts_ready, timing, decided_ns, synced, ts_send)
-            sent.append((fields, latency))
+        mark_sent = self.book.mark_sent
+        for order, _fields in written:
+            mark_sent(order, ts_send)
+        s.orders_sent += len(written)
+        recv = np.fromiter((o.ts_recv for o, _ in written), dtype=np.int64, count=len(written))
+        timed = recv != 0  # an approved order's latency is the operator's, not the daemon's
+        s.tick_to_order.record_many(ts_send - recv[timed])
+        if timing is not None:
+            ready = np.fromiter((o.ts_ready for o, _ in written), dtype=np.int64, count=len(written))
+            staged = timed & (ready != 0)
+            s.stages.record_many(recv[staged], ready[staged], timing, decided_ns, synced, ts_send)
         if len(written) < len(outbox):
             self.journal.sync()
         # Logged after the whole batch is on the wire: a log line never delays the next order.
-        for fields, latency in sent:
-            log.info("order_sent", tick_to_order_us=latency // 1000 if latency is not None else None, **fields)
+        if _info(log):
+            for (order, fields), ok in zip(written, timed.tolist(), strict=True):
+                latency = (ts_send - order.ts_recv) // 1000 if ok else None
+                log.info("order_sent", tick_to_order_us=latency, **fields)
 
     def _write(self, outbox: list[tuple[Order, dict[str, Any]]]) -> list[tuple[Order, dict[str, Any]]]:
         """Hand each order to the gateway; one it cannot write is closed as never sent."""

@@ -196,6 +196,35 @@ class OrderStages:
         )
         self.count += 1
 
+    def record_many(
+        self,
+        ts_recv: npt.NDArray[np.int64],
+        ts_ready: npt.NDArray[np.int64],
+        timing: Any,
+        decided: int,
+        synced: int,
+        sent: int,
+    ) -> None:
+        """``record`` for orders of one batch, sent together."""
+        n = len(ts_recv)
+        if not n:
+            return
+        cap = len(self._rows)
+        rows = np.empty((n, len(STAGES)), dtype=np.int64)
+        rows[:, 0] = sent - ts_recv
+        rows[:, 1] = ts_ready - ts_recv
+        rows[:, 2] = timing.started_ns - ts_ready
+        rows[:, 3] = timing.back_ns - timing.started_ns
+        rows[:, 4] = decided - timing.back_ns
+        rows[:, 5] = synced - decided
+        rows[:, 6] = sent - synced
+        rows[:, 7] = timing.engine_ns
+        rows[:, 8] = timing.rows
+        rows[:, 9] = timing.bucket
+        at = np.arange(self.count, self.count + n) % cap
+        self._rows[at[-cap:]] = rows[-cap:]
+        self.count += n
+
     def table(self) -> npt.NDArray[np.int64]:
         """The retained rows, [n, len(STAGES)], oldest first."""
         n, cap = self.count, len(self._rows)
