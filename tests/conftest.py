@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,3 +41,15 @@ def minute_csv() -> Path:
     if not MINUTE_CSV.is_file():
         pytest.skip(f"real minute bars not found at {MINUTE_CSV} (the shared data folder is absent)")
     return MINUTE_CSV
+
+
+@pytest.fixture
+def model_copy(tmp_path: Path, shipped_model: Path) -> Path:
+    """The shipped model (and its manifest) in a folder of the test's own, so what is written
+    beside it (a qualification.json) lands there, not in the package."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(shipped_model, folder / shipped_model.name)
+    manifest = shipped_model.with_name(shipped_model.stem + ".manifest.json")
+    shutil.copy(manifest, folder / manifest.name)
+    return folder / shipped_model.name

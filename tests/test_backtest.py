@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 from datetime import date
@@ -24,17 +23,6 @@ T0 = 1_700_000_040 * NS
 
 def _tradingd(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "daemon", *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture
-def model_copy(tmp_path: Path, shipped_model: Path) -> Path:
-    """The shipped model in a folder of the test's own, so its qualification.json lands there."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    shutil.copy(shipped_model, folder / shipped_model.name)
-    manifest = shipped_model.with_name(shipped_model.stem + ".manifest.json")
-    shutil.copy(manifest, folder / manifest.name)
-    return folder / shipped_model.name
 
 
 def test_backtest_when_run_on_real_bars_reports_gates_and_exits_by_the_verdict(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,16 +27,6 @@ def _config(tmp_path: Path, engine: str = "", model: str = "builtin") -> Path:
         f"[admin]\nsocket = '{tmp_path / 'admin.sock'}'\n[feed]\nconnect_timeout_ms = 100\n"
     )
     return path
-
-
-@pytest.fixture
-def model_copy(tmp_path: Path, shipped_model: Path) -> Path:
-    folder = tmp_path / "model"
-    folder.mkdir()
-    shutil.copy(shipped_model, folder / shipped_model.name)
-    manifest = shipped_model.with_name(shipped_model.stem + ".manifest.json")
-    shutil.copy(manifest, folder / manifest.name)
-    return folder / shipped_model.name
 
 
 def _qualify(model: Path, *, sha256: str | None = None, passed: bool = True) -> None:

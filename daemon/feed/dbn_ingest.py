@@ -18,9 +18,9 @@ from typing import Protocol, cast
 import numpy as np
 
 from broker.errors import FrameError
-from broker.reconnect import ClosingProtocol
 from daemon.feed import dbn
 from daemon.feed.columns import BarColumns
+from daemon.feed.ingest import PausableFeed
 from daemon.feed.protocol import FeedBounds, RejectReason
 
 _TS_OUT_OF_RANGE = dbn.CHECK_REASONS.index(RejectReason.TS_OUT_OF_RANGE)
@@ -63,7 +63,7 @@ class _Names(Sequence[str]):
         return self._symbols.get(iid, f"instrument {iid}")
 
 
-class DbnFeedProtocol(ClosingProtocol):
+class DbnFeedProtocol(PausableFeed):
     def __init__(
         self,
         sink: DbnSink,
@@ -150,19 +150,6 @@ class DbnFeedProtocol(ClosingProtocol):
         if self._minute is not None and not self._complete:
             self._complete = True
             self._sink.on_minute_complete(self._minute)  # its ts_event: only counted, never compared
-
-    def pause(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-
-    def resume(self) -> None:
-        if not self._paused or self._transport is None:
-            return
-        self._paused = False
-        self._deliver()
-        if not self._paused and not self._transport.is_closing():
-            self._transport.resume_reading()
 
     def _fail(self, exc: FrameError) -> None:
         self._minutes.clear()

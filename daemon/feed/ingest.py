@@ -59,7 +59,31 @@ class FeedSink(Protocol):
         ...
 
 
-class FeedProtocol(ClosingProtocol):
+class PausableFeed(ClosingProtocol):
+    """``pause`` stops delivery at the next message boundary and stops reading the socket;
+    ``resume`` delivers what was held back, then reads again. Either feed format's protocol."""
+
+    _paused: bool
+    _transport: asyncio.Transport | None
+
+    def _deliver(self) -> None:
+        raise NotImplementedError
+
+    def pause(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if not self._paused or self._transport is None:
+            return
+        self._paused = False
+        self._deliver()
+        if not self._paused and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+
+class FeedProtocol(PausableFeed):
     """Frames, decodes and dispatches; ``pause`` stops delivery at the next message boundary.
 
     Pausing stops reading the socket and also holds back the rest of the chunk already read,
@@ -90,19 +114,6 @@ class FeedProtocol(ClosingProtocol):
         self._backlog.append((data, self._now_ns()))
         if not self._paused and self._pending is None:
             self._deliver()
-
-    def pause(self) -> None:
-        if not self._paused and self._transport is not None:
-            self._paused = True
-            self._transport.pause_reading()
-
-    def resume(self) -> None:
-        if not self._paused or self._transport is None:
-            return
-        self._paused = False
-        self._deliver()
-        if not self._paused and not self._transport.is_closing():
-            self._transport.resume_reading()
 
     def _deliver(self) -> None:
         """Hand on what has been read, until the backlog is empty or the sink pauses. Bars in a
