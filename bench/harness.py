@@ -76,6 +76,7 @@ class Report:
     tick_to_order_us: dict[str, float] = field(default_factory=dict)
     daemon_us: dict[str, Any] = field(default_factory=dict)
     engine: str = ""
+    model_qualified: bool | None = None
     orders_latency: dict[str, Any] = field(default_factory=dict)
     batches: dict[str, Any] = field(default_factory=dict)
     soak: dict[str, Any] = field(default_factory=dict)
@@ -357,6 +358,7 @@ level = "error"
         }
     report.daemon_us = (status or {}).get("latency_us", {})
     report.engine = (status or {}).get("engine_backend", o.engine)
+    report.model_qualified = (status or {}).get("model_qualified")
     report.orders_latency = (status or {}).get("orders_latency", {})
     rows = (status or {}).get("batch_rows", {})
     report.batches = {
@@ -417,6 +419,10 @@ def summary(report: Report) -> dict[str, Any]:
         "orders": report.orders,
         "drops": report.drops,
         "engine": report.engine,
+        # The shipped model has not passed tradingd backtest: the harness measures the daemon.
+        "model": "qualified"
+        if report.model_qualified
+        else "NOT qualified: traded because engine.allow_unqualified = true (a benchmark)",
         "feed": o["feed"],
         "fsync": o["fsync"],
         "symbols": 1 if o["scenario"] == "steady" else o["symbols"],
@@ -465,7 +471,8 @@ def markdown(report: Report) -> str:
     own = report.daemon_us.get("tick_to_order", {})
     infer = report.daemon_us.get("infer", {})
     head = (
-        f"scenario {o['scenario']}, {o['symbols'] if o['scenario'] != 'steady' else 1} symbol(s), "
+        ("model not qualified (engine.allow_unqualified = true, a benchmark); " if not report.model_qualified else "")
+        + f"scenario {o['scenario']}, {o['symbols'] if o['scenario'] != 'steady' else 1} symbol(s), "
         f"{o['minutes']} minutes every {o['period_ms']} ms, batching {'on' if o['batching'] else 'off'}, "
         f"loop {o['loop']}{', stall ' + str(o['stall_ms']) + ' ms' if o['stall_ms'] else ''}"
     )

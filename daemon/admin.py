@@ -189,6 +189,7 @@ class AdminServer:
             "batch_rows": _rows(s.batch_size.samples()),
             "batch_buckets": {str(b): n for b, n in sorted(s.batch_buckets.items())},
             "engine_backend": describe(self.runtime.engines.active),
+            "model_qualified": s.model_qualified,
             "journal_fsync": self.runtime.journal.fsync,
             "orders": {
                 "intents": s.intents,
