@@ -334,6 +334,67 @@ def train_and_export(args: argparse.Namespace, series: list[Any], label: str, ou
     return path
 
 
+def cmd_model_finetune(args: argparse.Namespace) -> int:
+    """LoRA-fine-tune a Qwen3 checkpoint on real bars, merge, export; 78 when the base or its shapes are bad."""
+    from daemon.backtest.walk import training_series  # noqa: PLC0415
+    from engines.model.export import export_onnx  # noqa: PLC0415
+    from engines.model.finetune import FinetuneError, finetune, read_base_config  # noqa: PLC0415
+    from engines.model.qwen_signal import META_FILE, SignalMeta, save_checkpoint  # noqa: PLC0415
+
+    base, out = Path(args.base), Path(args.out)
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
+    try:
+        read_base_config(base)  # refuse a bad base before reading any bars
+        window = args.window
+        if window is None and (base / META_FILE).is_file():
+            window = SignalMeta.from_json((base / META_FILE).read_text()).window
+        series, label = training_series(args.data, args.train_until, args.embargo_bars, window or 16)
+        print(
+            f"fine-tuning {base} with LoRA r={args.lora_rank} alpha={args.lora_alpha} dropout={args.lora_dropout}"
+            f" on {label} ({len(series)} symbols) for {args.steps} steps",
+            file=sys.stderr,
+        )
+        model, meta, report = finetune(
+            base,
+            series,
+            out,
+            rank=args.lora_rank,
+            alpha=args.lora_alpha,
+            dropout=args.lora_dropout,
+            target_modules=targets,
+            steps=args.steps,
+            lr=args.lr,
+            seed=args.seed,
+            window=args.window,
+            threads=args.threads,
+            data=label,
+            progress=lambda step, train_loss, val_loss: print(
+                f"  step {step}/{args.steps} train loss {train_loss:.4f} val loss {val_loss:.4f}", file=sys.stderr
+            ),
+        )
+    except FinetuneError as exc:
+        print(f"tradingd: model error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    training = dict(meta.training)
+    training["train_until"] = args.train_until.isoformat() if args.train_until else None
+    training["embargo_bars"] = meta.window if args.embargo_bars is None else args.embargo_bars
+    meta = SignalMeta(meta.name, meta.version, meta.window, meta.features, training)
+    save_checkpoint(model, meta, out / "checkpoint")
+    print("exporting the merged model to ONNX (dynamo exporter, dynamic batch)", file=sys.stderr)
+    path = export_onnx(model, meta, out, buckets=tuple(args.buckets))
+    print(
+        f"validation loss {report.first_val_loss:.4f} -> {report.last_val_loss:.4f};"
+        f" holdout accuracy {report.holdout_accuracy:.3f}, direction accuracy {report.holdout_direction_accuracy:.3f}"
+        f" on {report.holdout_samples} windows; {report.trainable_parameters} of {report.total_parameters}"
+        f" parameters trained, in {report.seconds:.1f} s"
+    )
+    print(f"wrote {path}, {out / 'checkpoint'}, {report.adapter}" + (f", {report.loss_png}" if report.loss_png else ""))
+    data = " ".join(f"--data {d}" for d in args.data)
+    start = f" --from {args.train_until}" if args.train_until else ""
+    print(f"next: tradingd backtest {data} --model {path}{start}")
+    return 0
+
+
 def _admin(args: argparse.Namespace, message: dict[str, object]) -> int:
     from daemon.admin import request  # noqa: PLC0415
     from daemon.config import AdminConfig, load_config  # noqa: PLC0415
@@ -586,6 +647,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0.0")
     p.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
     p.set_defaults(func=cmd_model_train)
+    p = msub.add_parser("finetune", help="LoRA-fine-tune a Qwen3 checkpoint on real bars, merge it, then export it")
+    p.add_argument("--base", required=True, help="a signal checkpoint, or a Qwen3 save_pretrained directory")
+    p.add_argument("--data", type=Path, action="append", required=True, help="minute bars (CSV or DBN; repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--train-until", type=_iso_date, help="train on bars before this day (UTC); backtest from it")
+    p.add_argument(
+        "--embargo-bars",
+        type=int,
+        default=None,
+        help="drop each symbol's last N bars before --train-until, so no label reaches past it (default: the window)",
+    )
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument(
+        "--target-modules",
+        default=None,
+        help="comma-separated Qwen3 projections to adapt"
+        " (default: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)",
+    )
+    p.add_argument("--window", type=int, default=None, help="bars per window (default: the base's, or 16)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads while training")
+    p.add_argument("--buckets", type=int, nargs="+", default=list(DEFAULT_BUCKETS))
+    p.set_defaults(func=cmd_model_finetune)
     p = msub.add_parser(
         "build-plan",
         help="build a version-compatible TensorRT plan (full TensorRT and a GPU) and record it in the manifest",
