@@ -213,6 +213,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         fix_sender=args.fix_sender,
         fix_target=args.fix_target,
         feed=args.feed,
+        model=args.model,
     )
     try:
         summary = _run_async(run_demo(options))
@@ -519,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symbols", type=int, default=32)
     p.add_argument("--data", type=Path, help="replay this file (CSV or DBN) instead of synthetic bars")
     p.add_argument("--feed", choices=["msgpack", "dbn"], help="feed format (default: dbn for a DBN file)")
+    p.add_argument("--model", default="builtin", help="builtin (the shipped model) or a model.onnx with its manifest")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--review-threshold", type=float, default=1_000_000.0, help="park orders of this notional or more")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

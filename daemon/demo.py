@@ -26,8 +26,10 @@ from daemon import qualification
 from daemon.app import Daemon
 from daemon.config import (
     AdminConfig,
+    BatchConfig,
     BrokerConfig,
     Config,
+    EngineConfig,
     EnginesConfig,
     FeedConfig,
     FixConfig,
@@ -43,6 +45,8 @@ from daemon.runtime import Runtime
 from daemon.stats import Stats
 from engines.base import Engine
 from engines.chooser import resolve_model
+from engines.errors import ManifestError
+from engines.manifest import load_manifest
 
 
 class DemoError(Exception):
@@ -67,6 +71,7 @@ class DemoOptions:
     fix_sender: str = "TRADINGD"
     fix_target: str = "EXECUTOR"
     feed: str | None = None  # "msgpack" or "dbn"; None: dbn for a DBN file, else msgpack
+    model: str = "builtin"  # or a model.onnx with its manifest beside it
 
 
 async def _spawn(*args: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -163,7 +168,10 @@ async def run_demo(options: DemoOptions, progress: TextIO = sys.stderr) -> dict[
                 signal=SignalConfig(notional_per_signal=options.notional_per_signal),
                 # The shipped model has not passed `tradingd backtest`; the demo shows the
                 # daemon, not a model fit to trade, and its summary says so.
-                engine=EnginesConfig(allow_unqualified=True),
+                engine=EnginesConfig(primary=EngineConfig(model=options.model), allow_unqualified=True),
+                # Batches as large as the model's largest bucket allows (a model of one's own may
+                # have been exported with fewer buckets than the default batch).
+                batch=BatchConfig(max_batch=min(BatchConfig().max_batch, _largest_bucket(options.model))),
             )
             daemon = Daemon(config, config_file="(demo defaults)")
             started = time.perf_counter()
@@ -287,6 +295,13 @@ def _summary(
         },
         "replay_seconds": round(replay_s, 3),
     }
+
+
+def _largest_bucket(model: str) -> int:
+    try:
+        return max(load_manifest(resolve_model(model, "onnxruntime")).batch_buckets)
+    except (OSError, ValueError, ManifestError):
+        return BatchConfig().max_batch  # the engine's own load says what is wrong, naming the file
 
 
 def qualification_line(config: Config, engine: Engine) -> str:

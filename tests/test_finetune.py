@@ -263,3 +263,14 @@ def test_model_finetune_cli_when_run_on_real_bars_exports_a_model_the_backtest_r
     assert backtest.returncode in (0, 1), backtest.stderr
     result = json.loads(backtest.stdout)
     assert result["gates"] and result["passed"] == (backtest.returncode == 0)
+
+    demo = subprocess.run(
+        [sys.executable, "-m", "daemon", "demo", "--model", str(out / "model.onnx"), "--json", "--no-metrics"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert demo.returncode == 0, demo.stderr
+    summary = json.loads(demo.stdout)
+    assert summary["engine"]["name"] == json.loads((out / "model.manifest.json").read_text())["name"]
+    assert summary["bars"]["balanced"] and summary["orders"]["balanced"]
