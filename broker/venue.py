@@ -4,7 +4,8 @@ The far side of the order boundary, as ``broker.sim`` is over TCP, but driven by
 replay so nothing fills on information the daemon did not have yet: an order sent after the bar
 that closes at ``t`` fills at the open of the symbol's next bar, plus slippage, if its limit
 allows; otherwise at its limit when that bar trades through it; otherwise it keeps working, and a
-day order is cancelled when the symbol's trading day ends. Costs are charged per fill in basis
+day order is cancelled when the trading day of the first bar it could trade on ends (with daily
+bars: the next day's bar is its one chance). Costs are charged per fill in basis
 points of the notional. Cancels and status requests are answered as a broker would.
 
 Reports are queued and handed to the daemon by ``deliver``, which the backtest calls between
@@ -25,7 +26,7 @@ NS = 1_000_000_000
 
 
 def _day(ts_ns: int) -> str:
-    return datetime.fromtimestamp(ts_ns / NS, UTC).date().isoformat()
+    return datetime.fromtimestamp((ts_ns - 1) // NS, UTC).date().isoformat()  # a bar's ts is its close
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,7 @@ class Fill:
 class _Working:
     order: wire.NewOrder
     placed_ts: int  # the venue's minute when it arrived: it fills on a later bar only
-    day: str
+    day: str  # the trading day it works through (set by the first bar after it arrived)
     filled: int = 0
     status: wire.ExecStatus = wire.ExecStatus.NEW
     avg_px: float = 0.0
@@ -140,7 +141,9 @@ class SimVenue:
         for order_id, w in list(working.items()):
             if w.placed_ts >= ts:
                 continue
-            if w.day != day:
+            if not w.day:
+                w.day = day  # a day order works through the day of the first bar it can trade on
+            elif w.day != day:
                 self._cancel(order_id, "day order expired")
                 continue
             o = w.order
@@ -180,7 +183,7 @@ class SimVenue:
     def _new(self, o: wire.NewOrder) -> None:
         if o.cl_ord_id in self.orders:
             return  # a resend of an order the venue has: a broker ignores it
-        w = _Working(o, self._now, _day(self._now) if self._now else "")
+        w = _Working(o, self._now, "")
         self.orders[o.cl_ord_id] = w
         self._working.setdefault(o.symbol, {})[o.cl_ord_id] = w
         self._report(w, wire.ExecStatus.NEW, 0, 0.0)

@@ -111,7 +111,9 @@ def require_qualified(config: Config, engines: EngineSet, file: str) -> None:
         cfg = config.engine.primary if role == "primary" else config.engine.standby
         assert cfg is not None
         model = resolve_model(cfg.model, cfg.backend)
-        found = qualification.standing(model, engine.manifest.sha256)
+        found = qualification.standing(
+            model, engine.manifest.sha256, qualification.required_gates(config.qualification)
+        )
         if found.ok:
             log.info("model_qualified", engine=role, model=str(model), detail=found.reason)
         elif config.engine.allow_unqualified:
@@ -135,7 +137,11 @@ def serving_standing(config: Config, engines: EngineSet) -> qualification.Standi
     """The deploy gate's word on the engine that serves first."""
     cfg = config.engine.primary if engines.active is engines.primary else config.engine.standby
     assert cfg is not None
-    return qualification.standing(resolve_model(cfg.model, cfg.backend), engines.active.manifest.sha256)
+    return qualification.standing(
+        resolve_model(cfg.model, cfg.backend),
+        engines.active.manifest.sha256,
+        qualification.required_gates(config.qualification),
+    )
 
 
 def check_paths(config: Config, file: str) -> None:

@@ -60,7 +60,31 @@ class Standing:
     record: Qualification | None = None
 
 
-def standing(model: Path, sha256: str) -> Standing:
+def required_gates(q: Any) -> dict[str, tuple[str, float]]:
+    """The deployment's gates (a ``[qualification]`` section) as the record names them."""
+    return {
+        "excess_return": (">=", q.min_excess_return),
+        "max_drawdown": ("<=", q.max_drawdown),
+        "losing_days_in_a_row": ("<=", q.max_losing_days_in_a_row),
+        "sharpe": (">=", q.min_sharpe),
+        "accuracy": (">=", q.min_accuracy),
+        "trades": (">=", q.min_trades),
+        "days": (">=", q.min_days),
+    }
+
+
+def _laxer(record: Qualification, required: dict[str, tuple[str, float]]) -> list[str]:
+    """The gates the record passed under a threshold laxer than the deployment's (or lacks)."""
+    out = []
+    for name, (op, threshold) in required.items():
+        gate = record.gates.get(name)
+        got = gate.get("threshold") if gate else None
+        if not isinstance(got, int | float) or (got < threshold if op == ">=" else got > threshold):
+            out.append(f"{name} {op} {got} (this deployment requires {op} {threshold})")
+    return out
+
+
+def standing(model: Path, sha256: str, required: dict[str, tuple[str, float]] | None = None) -> Standing:
     path = path_for(model)
     try:
         raw = path.read_bytes()
@@ -82,6 +106,9 @@ def standing(model: Path, sha256: str) -> Standing:
     if not record.passed:
         failed = sorted(name for name, gate in record.gates.items() if not gate.get("pass"))
         return Standing(False, f"its backtest of {record.written_utc} failed the gates {', '.join(failed)}", record)
+    laxer = _laxer(record, required) if required is not None else []
+    if laxer:
+        return Standing(False, f"it passed under laxer gates than [qualification] asks: {'; '.join(laxer)}", record)
     return Standing(
         True, f"qualified {record.written_utc} on {record.period.get('from')}..{record.period.get('to')}", record
     )

@@ -16,6 +16,7 @@ from broker import protocol as wire
 from broker.venue import SimVenue
 from daemon.backtest.run import Options, run_backtest
 from daemon.config import Config, RiskConfig, SignalConfig
+from tests.conftest import SPY_DAILY_CSV
 
 NS = 1_000_000_000
 T0 = 1_700_000_040 * NS
@@ -166,10 +167,18 @@ def test_venue_when_the_next_open_gaps_past_the_limit_fills_at_the_limit_or_wait
 
 
 def test_venue_when_the_trading_day_ends_a_day_order_is_cancelled() -> None:
+    """A day order works through the day of the first bar it can trade on (with daily bars, the
+    next day's), then expires."""
     venue, reports = _venue()
     venue.on_bar("AAA", T0, 100.0, 100.0, 100.0)
     venue.send(_order(wire.Side.SELL, 120.0))
-    venue.on_bar("AAA", T0 + 86_400 * NS, 100.0, 100.0, 100.0)
+    venue.on_bar("AAA", T0 + 86_400 * NS, 100.0, 100.0, 100.0)  # the next day: its one day
+    venue.deliver()
+    assert reports[-1].status is wire.ExecStatus.NEW
+    venue.on_bar("AAA", T0 + 86_400 * NS + 60 * NS, 100.0, 100.0, 100.0)  # still that day
+    venue.deliver()
+    assert reports[-1].status is wire.ExecStatus.NEW
+    venue.on_bar("AAA", T0 + 2 * 86_400 * NS, 100.0, 100.0, 100.0)
     venue.deliver()
     assert reports[-1].status is wire.ExecStatus.CANCELED and "expired" in reports[-1].text
 
@@ -206,3 +215,42 @@ def test_model_train_when_walking_forward_trains_before_each_fold_and_backtests_
         assert set(fold["gates"]) >= {"accuracy", "sharpe", "max_drawdown"}
     assert folds[0]["test"]["to"] < folds[1]["test"]["from"]
     assert result.returncode == (0 if all(f["passed"] for f in folds) else 1)
+
+
+def test_backtest_when_a_data_row_is_bad_exits_78_naming_the_file_and_line(tmp_path: Path, minute_csv: Path) -> None:
+    lines = minute_csv.read_text().splitlines()[:50]
+    lines[7] = "AIG,notatime,1,1,1,1,1"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    result = _tradingd("backtest", "--data", str(bad), "--no-qualify", "--json")
+    assert result.returncode == 78 and result.stdout == ""
+    assert "bad.csv:8" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_backtest_when_a_bar_has_no_usable_price_counts_it_rejected_and_goes_on(
+    tmp_path: Path, minute_csv: Path
+) -> None:
+    """The daemon rejects the bar, and the venue, the marks and the benchmark never see it."""
+    rows = _small_week(minute_csv, tmp_path).read_text().splitlines()
+    k = next(i for i, row in enumerate(rows) if row.startswith("BAC,2013-10-08T15:"))
+    symbol, ts, *_ = rows[k].split(",")
+    rows[k] = f"{symbol},{ts},nan,nan,nan,nan,100"
+    data = tmp_path / "nan.csv"
+    data.write_text("\n".join(rows) + "\n")
+    result = await run_backtest(
+        Options(data=(data,)), Config(signal=SignalConfig(confidence_threshold=0.0)), "(t)", out=None
+    )
+    assert result.model.counts["bars_rejected"] == 1
+    assert np.isfinite(result.model.series.equity).all() and np.isfinite(result.model.series.benchmark).all()
+
+
+async def test_backtest_when_bars_are_daily_annualises_by_day_and_fills_at_the_next_open(tmp_path: Path) -> None:
+    daily = SPY_DAILY_CSV
+    if not daily.is_file():
+        pytest.skip(f"real daily bars not found at {daily} (the shared data folder is absent)")
+    rows = daily.read_text().splitlines()
+    part = tmp_path / "spy.csv"
+    part.write_text("\n".join([rows[0], *rows[1:400]]) + "\n")
+    result = await run_backtest(Options(data=(part,)), Config(), "(t)", out=None)
+    assert result.annualisation.name == "daily" and result.annualisation.periods_per_year == 252
+    assert result.extra_passes["always buy"].trades  # a day order gets the next day's bar

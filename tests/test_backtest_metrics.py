@@ -166,11 +166,12 @@ def test_max_drawdown_duration_when_never_recovered_runs_to_the_last_bar() -> No
 
 
 def test_daily_pnl_when_bars_straddle_midnight_utc_splits_there_and_starts_from_initial_equity() -> None:
-    ts = np.array([MONDAY - 2 * MINUTE, MONDAY - MINUTE, MONDAY, MONDAY + MINUTE, MONDAY + DAY])
-    equity = np.array([100.0, 103.0, 104.0, 101.0, 99.0])
+    """Times are bar closes: the bar that closes at midnight is the day before's last."""
+    ts = np.array([MONDAY - 2 * MINUTE, MONDAY - MINUTE, MONDAY, MONDAY + MINUTE, MONDAY + DAY, MONDAY + DAY + MINUTE])
+    equity = np.array([100.0, 103.0, 104.0, 101.0, 99.0, 98.0])
     days, pnl = daily_pnl(ts, equity)
     assert days == ["2013-10-06", "2013-10-07", "2013-10-08"]
-    assert pnl.tolist() == [3.0, -2.0, -2.0]
+    assert pnl.tolist() == [4.0, -5.0, -1.0]
 
 
 def test_losing_days_in_a_row_when_a_flat_day_interrupts_restarts_the_count() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon import qualification
+from daemon.config import QualificationConfig
 from daemon.stats import SignalAccuracy
 
 EX_CONFIG = 78
@@ -29,9 +30,16 @@ def _config(tmp_path: Path, engine: str = "", model: str = "builtin") -> Path:
     return path
 
 
-def _qualify(model: Path, *, sha256: str | None = None, passed: bool = True) -> None:
+def _qualify(model: Path, *, sha256: str | None = None, passed: bool = True, lax: str | None = None) -> None:
     manifest = json.loads(model.with_name("model.manifest.json").read_text())
-    gates = {"accuracy": {"value": 0.7, "threshold": 0.65, "op": ">=", "pass": passed}}
+    required = qualification.required_gates(QualificationConfig())
+    gates: dict[str, dict[str, object]] = {
+        name: {"value": threshold, "threshold": threshold, "op": op, "pass": passed}
+        for name, (op, threshold) in required.items()
+    }
+    if lax is not None:  # passed, but under a threshold laxer than the deployment's
+        op, threshold = required[lax]
+        gates[lax]["threshold"] = threshold - 1 if op == ">=" else threshold + 1
     qualification.write(
         model,
         qualification.Qualification(
@@ -79,6 +87,15 @@ def test_check_when_the_qualification_is_for_another_model_or_failed_exits_78(
     _qualify(model_copy, sha256=sha256, passed=passed)
     result = _tradingd("check", "--config", str(_config(tmp_path, model=str(model_copy))))
     assert result.returncode == EX_CONFIG and says in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("lax", ["sharpe", "max_drawdown"])
+def test_check_when_the_model_passed_under_laxer_gates_than_the_config_exits_78(
+    tmp_path: Path, model_copy: Path, lax: str
+) -> None:
+    _qualify(model_copy, lax=lax)
+    result = _tradingd("check", "--config", str(_config(tmp_path, model=str(model_copy))))
+    assert result.returncode == EX_CONFIG and "laxer gates" in result.stderr and lax in result.stderr, result.stderr
 
 
 def test_standing_when_the_file_is_not_a_qualification_says_so(tmp_path: Path) -> None:

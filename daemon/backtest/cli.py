@@ -20,6 +20,7 @@ from daemon.errors import EX_CONFIG, EX_SOFTWARE
 
 EX_FAILED = 1
 EX_USAGE = 2
+EX_CANTCREAT = 73
 
 
 def _date(text: str) -> date:
@@ -121,7 +122,13 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         try:
             qualified = qualification.write(Path(meta["model"]["path"]), record)
         except OSError as exc:
-            print(f"tradingd backtest: cannot write {qualification.FILE_NAME} beside the model: {exc}", file=sys.stderr)
+            # A verdict nobody can deploy by is not a result: say so and fail (EX_CANTCREAT).
+            print(
+                f"tradingd backtest: cannot write {qualification.FILE_NAME} beside the model ({exc});"
+                " copy the model somewhere writable, or pass --no-qualify",
+                file=sys.stderr,
+            )
+            return EX_CANTCREAT
     summary = {
         "verdict": "pass" if result.passed else "fail",
         "passed": result.passed,

@@ -54,6 +54,7 @@ class Annualisation:
 SESSIONS: dict[str, Annualisation] = {
     "us_equity": Annualisation("us_equity", 390, 252),
     "24h": Annualisation("24h", 1440, 365),
+    "daily": Annualisation("daily", 1, 252),  # one bar a trading day
 }
 
 _US_SESSION_MAX_SPAN_MINUTES = 7 * 60
@@ -65,8 +66,11 @@ def detect_session(bar_ts_ns: npt.NDArray[np.int64]) -> Annualisation:
     distinct minutes) and no bar falls on a Saturday or Sunday; around the clock otherwise."""
     if len(bar_ts_ns) == 0:
         raise ValueError("detect_session needs at least one bar timestamp")
-    minutes = np.unique(np.asarray(bar_ts_ns, dtype=np.int64) // NS_PER_MINUTE)
+    # A bar closing at midnight belongs to the day before (its ts is its close).
+    minutes = np.unique((np.asarray(bar_ts_ns, dtype=np.int64) - 1) // NS_PER_MINUTE)
     days, first, counts = np.unique(minutes // 1440, return_index=True, return_counts=True)
+    if len(days) > 1 and float(np.median(counts)) <= 1.0 and float(np.median(np.diff(days))) >= 1.0:
+        return SESSIONS["daily"]
     if np.any((days + 3) % 7 >= 5):  # 1970-01-01 was a Thursday; Monday is 0
         return SESSIONS["24h"]
     spans = minutes[first + counts - 1] - minutes[first]
@@ -177,7 +181,7 @@ def daily_pnl(ts_ns: IntArray, equity: FloatArray) -> tuple[list[str], FloatArra
     if len(ts_ns) == 0:
         return [], np.zeros(0)
     e = np.asarray(equity, dtype=np.float64)
-    day = np.asarray(ts_ns, dtype=np.int64) // NS_PER_DAY
+    day = (np.asarray(ts_ns, dtype=np.int64) - 1) // NS_PER_DAY  # a bar's ts is its close
     last = np.append(np.flatnonzero(np.diff(day) != 0), len(day) - 1)
     closes = e[last]
     pnl = closes - np.append(e[0], closes[:-1])

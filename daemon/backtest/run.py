@@ -103,20 +103,18 @@ class Result:
 
 
 def load_minutes(paths: Sequence[Path]) -> list[Minute]:
-    """Every file's bars, merged by minute (CSV of minute or daily bars; DBN files by suffix)."""
-    from daemon.feed.replay import load_csv  # noqa: PLC0415
+    """Every file's bars, merged by minute (CSV of minute or daily bars, or DBN)."""
+    from daemon.feed.replay import ReplayError  # noqa: PLC0415
+    from daemon.feed.replay import load_minutes as load_file  # noqa: PLC0415
 
     by_ts: dict[int, list[Any]] = {}
     for path in paths:
         if not path.is_file():
             raise BacktestError(f"{path}: no such file")
-        name = path.name.lower()
-        if name.endswith((".dbn", ".dbn.zst")):
-            from daemon.feed.replay import load_dbn  # noqa: PLC0415
-
-            minutes = load_dbn(path)
-        else:
-            minutes = load_csv(path)
+        try:
+            minutes = load_file(path)  # CSV or DBN, told apart by content
+        except (OSError, ReplayError) as exc:
+            raise BacktestError(f"cannot read {path}: {exc}") from None
         for m in minutes:
             by_ts.setdefault(m.ts, []).extend(m.bars)
     out, seq = [], 0
@@ -132,7 +130,7 @@ def load_minutes(paths: Sequence[Path]) -> list[Minute]:
 
 def in_period(minutes: list[Minute], start: date | None, end: date | None) -> list[Minute]:
     def day(ts: int) -> date:
-        return datetime.fromtimestamp(ts / NS, UTC).date()
+        return datetime.fromtimestamp((ts - 1) // NS, UTC).date()  # a bar's ts is its close
 
     return [m for m in minutes if (start is None or day(m.ts) >= start) and (end is None or day(m.ts) <= end)]
 
@@ -196,6 +194,12 @@ class _Recorder:
         return bm.Calls((cls - 1).astype(np.int8), conf, nxt)
 
 
+def _tradable(bar: Any) -> bool:
+    """A bar with prices a venue could have traded at (the daemon rejects the rest too)."""
+    prices = (bar.open, bar.high, bar.low, bar.close)
+    return all(0.0 < p < math.inf for p in prices) and bar.low <= min(bar.open, bar.close)
+
+
 def _benchmark(minutes: list[Minute], symbols: Sequence[str], capital: float, held: str | None) -> list[float]:
     """Buy-and-hold of ``held`` from its first bar, or of every symbol in equal weight from its
     own first bar (a symbol not yet traded counts at its starting value)."""
@@ -204,6 +208,8 @@ def _benchmark(minutes: list[Minute], symbols: Sequence[str], capital: float, he
     out = []
     for m in minutes:
         for bar in m.bars:
+            if not _tradable(bar):
+                continue
             start = first.setdefault(bar.symbol, bar.close)
             ratio[bar.symbol] = bar.close / start
         if held is not None:
@@ -265,12 +271,13 @@ async def run_pass(
         per_symbol: dict[int, tuple[list[int], list[float]]] = {i: ([], []) for i in range(len(symbols))}
         for k, minute in enumerate(minutes):
             clock.at_minute(minute.ts)
-            for bar in minute.bars:
+            tradable = [bar for bar in minute.bars if _tradable(bar)]  # what the daemon refuses trades nowhere
+            for bar in tradable:
                 venue.on_bar(bar.symbol, bar.ts, bar.open, bar.high, bar.low)
             venue.deliver()
             now = clock.mono_ns()
             runtime.on_bars(from_bars(minute.bars, index), now)
-            for bar in minute.bars:
+            for bar in tradable:
                 marks[bar.symbol] = bar.close
                 i = index[bar.symbol]
                 per_symbol[i][0].append(bar.ts)
@@ -442,7 +449,7 @@ async def run_backtest(opts: Options, base: Config, config_file: str, out: TextI
 
 
 def _day(ts: int) -> str:
-    return datetime.fromtimestamp(ts / NS, UTC).date().isoformat()
+    return datetime.fromtimestamp((ts - 1) // NS, UTC).date().isoformat()  # a bar's ts is its close
 
 
 def finite_or_none(value: Any) -> Any:

@@ -54,7 +54,7 @@ def training_series(
 
 
 def _day_blocks(minutes: Sequence[Minute], k: int) -> list[list[date]]:
-    days = sorted({datetime.fromtimestamp(m.ts / NS, UTC).date() for m in minutes})
+    days = sorted({datetime.fromtimestamp((m.ts - 1) // NS, UTC).date() for m in minutes})  # ts: the close
     if len(days) < k + 1:
         raise SystemExit(
             f"tradingd model train: {k} folds need at least {k + 1} trading days; the data has {len(days)}"
