@@ -254,3 +254,17 @@ async def test_backtest_when_bars_are_daily_annualises_by_day_and_fills_at_the_n
     result = await run_backtest(Options(data=(part,)), Config(), "(t)", out=None)
     assert result.annualisation.name == "daily" and result.annualisation.periods_per_year == 252
     assert result.extra_passes["always buy"].trades  # a day order gets the next day's bar
+
+
+async def test_backtest_when_halts_are_kept_trades_nothing_after_the_first_big_move(tmp_path: Path) -> None:
+    """SPY's 1998-2021 daily bars hold 38 moves of 5 % or more: kept, the first halt (of the only
+    symbol, so of the market) stops trading for good; lifted at the next session, trading goes on."""
+    if not SPY_DAILY_CSV.is_file():
+        pytest.skip(f"real daily bars not found at {SPY_DAILY_CSV} (the shared data folder is absent)")
+    data = (SPY_DAILY_CSV,)
+    kept = await run_backtest(Options(data=data, lift_halts=False, baselines=False), Config(), "(t)", out=None)
+    lifted = await run_backtest(Options(data=data, baselines=False), Config(), "(t)", out=None)
+    assert kept.model.counts["halts"] and lifted.model.counts["halts"]
+    last_fill = max(t.ts_ns for t in lifted.model.trades)
+    assert not kept.model.trades or max(t.ts_ns for t in kept.model.trades) < last_fill
+    assert len(lifted.model.trades) > 10 * max(1, len(kept.model.trades))

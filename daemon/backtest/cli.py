@@ -53,6 +53,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--capital", type=float, help="starting capital (default: one signal's notional per symbol)")
     p.add_argument("--approve-reviews", action="store_true", help="approve orders parked for review (default: reject)")
     p.add_argument("--no-baselines", action="store_true", help="skip the momentum and always-buy runs")
+    p.add_argument(
+        "--keep-halts",
+        action="store_true",
+        help="never lift a halt (default: an operator lifts every halt at the next session, UTC day)",
+    )
     p.add_argument("--report", type=Path, help="write the report folder here (metrics, CSVs, plots, report.md/html)")
     p.add_argument("--no-qualify", action="store_true", help="do not write qualification.json beside the model")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
@@ -82,6 +87,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         capital=args.capital,
         approve_reviews=args.approve_reviews,
         baselines=not args.no_baselines,
+        lift_halts=not args.keep_halts,
     )
     try:
         result = _run_async(run_backtest(options, base, str(args.config or "(defaults)")))

@@ -49,6 +49,7 @@ from daemon.stats import Stats
 from engines.base import Engine
 from engines.chooser import resolve_model
 from risk.failover import FailoverPolicy
+from risk.states import TradingState
 
 NS = 1_000_000_000
 MODEL = "model"
@@ -73,6 +74,9 @@ class Options:
     capital: float | None = None  # default: one signal's notional per symbol
     approve_reviews: bool = False
     baselines: bool = True
+    # An operator lifts every halt at the next session (UTC day), as a desk would after looking;
+    # False: halts stay for the rest of the run, as with nobody there.
+    lift_halts: bool = True
 
 
 @dataclass
@@ -194,6 +198,16 @@ class _Recorder:
         return bm.Calls((cls - 1).astype(np.int8), conf, nxt)
 
 
+def _lift_halts(desk: Any) -> None:
+    """What an operator does at a new session after looking at yesterday's halts: lift them
+    (journaled, as ``tradingd resume`` would; never the kill switch, which a backtest never sets)."""
+    halts = desk.halts
+    if halts.market is not TradingState.ACTIVE:
+        desk.resume(None, OPERATOR_UID)
+    for symbol in [s for s, st in halts.state.items() if st is not TradingState.ACTIVE]:
+        desk.resume(symbol, OPERATOR_UID)
+
+
 def _tradable(bar: Any) -> bool:
     """A bar with prices a venue could have traded at (the daemon rejects the rest too)."""
     prices = (bar.open, bar.high, bar.low, bar.close)
@@ -269,8 +283,14 @@ async def run_pass(
         marks: dict[str, float] = {}
         equity, bench = np.empty(len(minutes)), _benchmark(minutes, symbols, capital, opts.benchmark)
         per_symbol: dict[int, tuple[list[int], list[float]]] = {i: ([], []) for i in range(len(symbols))}
+        session = None
+        ruined: int | None = None
         for k, minute in enumerate(minutes):
             clock.at_minute(minute.ts)
+            day = (minute.ts - 1) // (86_400 * NS)
+            if opts.lift_halts and day != session:
+                session = day
+                _lift_halts(desk)
             tradable = [bar for bar in minute.bars if _tradable(bar)]  # what the daemon refuses trades nowhere
             for bar in tradable:
                 venue.on_bar(bar.symbol, bar.ts, bar.open, bar.high, bar.low)
@@ -296,11 +316,18 @@ async def run_pass(
             if journal.failed is not None:
                 raise BacktestError(f"the journal failed ({label}): {journal.failed}")
             equity[k] = venue.equity(marks)
+            if not equity[k] > 0.0 and ruined is None:
+                ruined = minute.ts  # the account is wiped out: returns stop meaning anything
             if progress is not None:
                 progress(label, k + 1, len(minutes), stats.orders_sent, float(equity[k]))
         closes = {i: (np.asarray(t, dtype=np.int64), np.asarray(c)) for i, (t, c) in per_symbol.items()}
         # A first row at the capital, a minute before the first bar closes: the first minute's
         # P&L counts like any other.
+        if ruined is not None:
+            # Ruin: from the first bar at or under zero the account is held at a millionth of the
+            # capital (a drawdown of all but nothing), since a return from nothing is undefined.
+            at = int(np.argmax(~(equity > 0.0)))
+            equity[at:] = capital * 1e-6
         ts = np.asarray([minutes[0].ts - 60 * NS] + [m.ts for m in minutes], dtype=np.int64)
         series = bm.Series(ts, np.concatenate(([capital], equity)), np.asarray([capital, *bench]))
         trades = [bm.Trade(f.ts_ns, f.symbol, f.side, f.qty, f.price, f.cost, f.order_id) for f in venue.fills]
@@ -315,6 +342,7 @@ async def run_pass(
             "reviews_parked": stats.reviews_parked,
             "halts": sorted({e.symbol or "(market)" for e in desk.halt_log if e.action == "halt"}),
             "batches": stats.batches,
+            "ruined": None if ruined is None else _day(ruined),
         }
         t2o = stats.tick_to_order.samples().astype(np.float64) / 1000.0
         return Pass(label, series, trades, recorder.calls(closes), t2o, counts)
@@ -440,6 +468,7 @@ async def run_backtest(opts: Options, base: Config, config_file: str, out: TextI
         "slippage_bps": opts.slippage_bps,
         "benchmark": opts.benchmark or "equal-weighted universe, bought and held",
         "approve_reviews": opts.approve_reviews,
+        "halts": "lifted by an operator at each new session (UTC day)" if opts.lift_halts else "never lifted",
         "fills": "next bar's open plus slippage when the limit allows, else the limit when the bar trades through it",
         "journal_fsync": "none (a backtest's journal is thrown away)",
         "counts": model.counts,
