@@ -136,7 +136,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
     msgpack_bar_by_bar = fed(lambda rt: _OneByOne(rt, 4096, now), v1)
     msgpack_grouped = fed(lambda rt: FeedProtocol(rt, 4096, now), v1)
-    dbn_path = fed(lambda rt: DbnFeedProtocol(rt, rt.symbols, rt.bounds, now, time.time_ns), dbn_chunks)
+    dbn_path = fed(lambda rt: DbnFeedProtocol(rt, rt.symbols, now), dbn_chunks)
 
     def decoder_alone() -> float:
         best = float("inf")

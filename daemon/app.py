@@ -247,7 +247,7 @@ class Daemon:
     def _dbn_protocol(self) -> DbnFeedProtocol:
         runtime = self.runtime
         assert runtime is not None
-        return DbnFeedProtocol(runtime, runtime.symbols, runtime.bounds, self.clock.mono_ns, self.clock.wall_ns)
+        return DbnFeedProtocol(runtime, runtime.symbols, self.clock.mono_ns)
 
     def _task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """A task of the daemon's; one that ends with an exception fail-stops the daemon (a task

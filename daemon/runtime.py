@@ -383,9 +383,6 @@ class Runtime:
         self._drain = True
         self._flush()
 
-    def feed_minute(self) -> int | None:
-        return self._feed_ts
-
     def on_heartbeat(self, message: Heartbeat, ts_recv: int) -> None:
         self._seq(message.seq)
         self.stats.heartbeats += 1
@@ -547,10 +544,6 @@ class Runtime:
             self.idle_event.set()
 
     # -- signals to orders ----------------------------------------------------------------
-
-    @property
-    def bounds(self) -> FeedBounds:
-        return self._bounds
 
     @property
     def feed_connected(self) -> bool:

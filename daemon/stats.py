@@ -181,20 +181,8 @@ class OrderStages:
         self.count = 0
 
     def record(self, ts_recv: int, ts_ready: int, timing: Any, decided: int, synced: int, sent: int) -> None:
-        row = self._rows[self.count % len(self._rows)]
-        row[:] = (
-            sent - ts_recv,
-            ts_ready - ts_recv,
-            timing.started_ns - ts_ready,
-            timing.back_ns - timing.started_ns,
-            decided - timing.back_ns,
-            synced - decided,
-            sent - synced,
-            timing.engine_ns,
-            timing.rows,
-            timing.bucket,
-        )
-        self.count += 1
+        """One order's stages (``record_many`` of one)."""
+        self.record_many(np.array([ts_recv]), np.array([ts_ready]), timing, decided, synced, sent)
 
     def record_many(
         self,

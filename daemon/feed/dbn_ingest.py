@@ -1,11 +1,12 @@
 """DBN ingest: an asyncio.Protocol that turns a DBN byte stream into whole minutes of columns.
 
 Every complete record in a read is decoded at once (``daemon.feed.dbn.DbnDecoder``: one numpy
-view over the bytes), checked with the v1 rules over the arrays, cut into minutes by
-``ts_event`` and handed to the runtime as ``BarColumns`` (``on_bars``), each stamped with the
-time its bytes were read. DBN has no ``minute_end``: a minute is complete when every symbol of
-the universe has reported it, or when a later minute begins; the batcher's ``max_delay_us``
-covers a symbol that never reports. ``pause`` holds back decoded minutes not yet handed on.
+view over the bytes), checked with the v1 decoder's rules over the arrays, cut into minutes by
+``ts_event`` and handed to the runtime as ``BarColumns`` (``on_bars``, which applies the bounds
+and the unknown symbol as for msgpack v1), each stamped with the time its bytes were read. DBN
+has no ``minute_end``: a minute is complete when every symbol of the universe has reported it,
+or when a later minute begins; the batcher's ``max_delay_us`` covers a symbol that never
+reports. ``pause`` holds back decoded minutes not yet handed on.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from broker.errors import FrameError
 from daemon.feed import dbn
 from daemon.feed.columns import BarColumns
 from daemon.feed.ingest import PausableFeed
-from daemon.feed.protocol import FeedBounds, RejectReason
-
-_TS_OUT_OF_RANGE = dbn.CHECK_REASONS.index(RejectReason.TS_OUT_OF_RANGE)
 
 
 class DbnSink(Protocol):
@@ -40,10 +38,6 @@ class DbnSink(Protocol):
     def on_frame_error(self, error: FrameError) -> None: ...
 
     def on_internal_error(self, exc: BaseException, where: str) -> None: ...
-
-    def feed_minute(self) -> int | None:
-        """The feed's current minute (the latest bar close accepted), for the ahead-of-feed rule."""
-        ...
 
 
 class _Names(Sequence[str]):
@@ -68,16 +62,12 @@ class DbnFeedProtocol(PausableFeed):
         self,
         sink: DbnSink,
         universe: Sequence[str],
-        bounds: FeedBounds,
         now_ns: Callable[[], int],
-        wall_ns: Callable[[], int],
     ) -> None:
         super().__init__()
         self._sink = sink
         self._universe = tuple(universe)
-        self._bounds = bounds
         self._now_ns = now_ns
-        self._wall_ns = wall_ns
         self._decoder = dbn.DbnDecoder()
         self._index = dbn.InstrumentIndex({}, self._universe)
         self._transport: asyncio.Transport | None = None
@@ -107,20 +97,20 @@ class DbnFeedProtocol(PausableFeed):
         self._deliver()
 
     def _columns(self, bars: dbn.OhlcvArray) -> BarColumns:
-        codes = dbn.reject_codes(bars, self._index, self._bounds, self._wall_ns(), self._sink.feed_minute())
-        idx = self._index.lookup(bars["instrument_id"]).astype(np.int64)
-        ts = np.where(codes == _TS_OUT_OF_RANGE, 0, dbn.close_ns(bars))
+        # The decoder's own rules here; the bounds and the unknown symbol are the runtime's, as
+        # for msgpack v1 (``bounds_codes``), checked once, against the feed's minute as it is then.
+        c = dbn.ohlcv_columns(bars, self._index)
         return BarColumns(
-            idx=idx,
-            ts=ts.astype(np.int64),
-            open=dbn.prices(bars, "open"),
-            high=dbn.prices(bars, "high"),
-            low=dbn.prices(bars, "low"),
-            close=dbn.prices(bars, "close"),
-            volume=bars["volume"].astype(np.float64),
+            idx=c.idx,
+            ts=c.ts,
+            open=c.open,
+            high=c.high,
+            low=c.low,
+            close=c.close,
+            volume=c.volume,
             prev_close=np.full(len(bars), np.nan),
-            codes=codes,
-            names=_Names(idx, bars["instrument_id"], self._universe, self._decoder.symbols),
+            codes=c.codes,
+            names=_Names(c.idx, bars["instrument_id"], self._universe, self._decoder.symbols),
         )
 
     def _deliver(self) -> None:
@@ -129,8 +119,6 @@ class DbnFeedProtocol(PausableFeed):
             bars, ts_recv = self._minutes.popleft()
             minute = int(bars["ts_event"][0])
             try:
-                # Checked now, not when read: the ahead-of-feed rule needs the feed's minute as
-                # the bars before these left it.
                 cols = self._columns(bars)
                 if minute != self._minute:
                     self._close_minute()
