@@ -39,6 +39,7 @@ from bench.harness import admin_status, spawn_server
 from bench.rig import daemon_config, spawn_daemon
 from broker.crashpoints import EXIT_CODE
 from broker.journal import read_journal
+from broker.records import per_order
 from broker.sim import read_orders
 
 # point -> the n-th time it is reached (plus the run number)
@@ -197,7 +198,7 @@ def run_point(point: str, run: int, work: Path, csv: Path) -> RunResult:
         logs.close()
     received = read_orders(broker_log)
     ids = Counter(str(o["cl_ord_id"]) for o in received)
-    records = list(read_journal(work / "journal.msgpack"))
+    records = list(per_order(read_journal(work / "journal.msgpack")))
     unended, orphans = intent_outcomes(records, set(ids))
     truth = broker_positions(broker_log)
     ours = status["positions"] if status else {}

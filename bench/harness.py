@@ -35,9 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
+import numpy.typing as npt
 from hdrh.histogram import HdrHistogram
 
 from broker.journal import read_journal
+from broker.records import per_order
 from broker.sim import read_orders
 from daemon.admin import request
 from daemon.feed.protocol import Bar, bar_map, minute_end_map
@@ -64,6 +67,7 @@ class Options:
     engine: str = "onnxruntime"  # or "timing": sleeps the H200's GPU time per bucket, costs no CPU
     feed: str = "msgpack"  # or "dbn"
     fsync: str = "batch"  # the journal's fsync policy (the daemon's default)
+    max_delay_us: int = 1000  # batch.max_delay_us (0: a batch starts whenever the engine is free)
 
 
 @dataclass
@@ -112,7 +116,8 @@ class Driver:
     def __init__(self, o: Options, minutes: list[list[Bar]]) -> None:
         self.o = o
         self.minutes = minutes
-        self.intended: dict[tuple[str, int], int] = {}  # (symbol, ts_event) -> intended wall ns
+        self.slot: dict[tuple[str, int], tuple[int, int]] = {}  # (symbol, ts_event) -> (minute, place in it)
+        self.t0: int | None = None  # wall ns the first minute starts
         self.done = asyncio.Event()
         self.finished = asyncio.Event()
         self.connected = asyncio.Event()
@@ -143,42 +148,71 @@ class Driver:
             out.append([r.tobytes() for r in records])
         return prologue, out
 
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connected.set()
-        packer = msgpack.Packer()
-        dbn_records: list[list[bytes]] | None = None
+    def _payloads(self) -> tuple[bytes, list[tuple[bytes, npt.NDArray[np.int64]]]]:
+        """Before the run: the prologue (DBN metadata, or nothing) and each minute's bytes, with
+        the end offset of each bar's bytes in it (msgpack v1 adds its ``minute_end`` after)."""
         if self.o.feed == "dbn":
-            prologue, dbn_records = self._dbn()
+            prologue, records = self._dbn()
+        else:
+            packer = msgpack.Packer()
+            prologue, records = b"", [[packer.pack(bar_map(bar)) for bar in bars] for bars in self.minutes]
+        out = []
+        for bars, encoded in zip(self.minutes, records, strict=True):
+            ends = np.cumsum(np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded)))
+            out.append((b"".join(encoded), ends))
+            for k, bar in enumerate(bars):
+                self.slot[(bar.symbol, bar.ts)] = (len(out) - 1, k)
+        return prologue, out
+
+    def intended_ns(self, key: tuple[str, int]) -> int | None:
+        """The bar's intended send time (wall ns), fixed before the run."""
+        at = self.slot.get(key)
+        if at is None or self.t0 is None:
+            return None
+        m, k = at
+        return self.t0 + m * self.period_ns + k * self._spread(m)
+
+    def _spread(self, m: int) -> int:
+        return int(self.o.burst_ms * 1e6 / max(1, len(self.minutes[m])))
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Each minute's bars go out at their intended times: every bar due (within 0.2 ms) is
+        written at once, then the feed sleeps until the next is due. The work per write is a
+        slice of bytes made before the run, so the harness's own cost does not delay the bars."""
+        self.connected.set()
+        prologue, payloads = self._payloads()
+        if prologue:
             writer.write(prologue)
-        t0 = time.time_ns() + 200_000_000
+        packer = msgpack.Packer()
         seq = 0
-        for m, bars in enumerate(self.minutes):
+        self.t0 = t0 = time.time_ns() + 200_000_000
+        for m, (payload, ends) in enumerate(payloads):
             start = t0 + m * self.period_ns
-            spread = int(self.o.burst_ms * 1e6 / max(1, len(bars)))
-            if self.o.stall_ms and m == len(self.minutes) * 2 // 3 and self.daemon_pid:
+            spread = self._spread(m)
+            n = len(ends)
+            if self.o.stall_ms and m == len(payloads) * 2 // 3 and self.daemon_pid:
                 asyncio.get_running_loop().call_later(
                     max(0.0, (start - time.time_ns()) / NS), _stall, self.daemon_pid, self.o.stall_ms
                 )
-            chunk: list[bytes] = []
-            for k, bar in enumerate(bars):
-                due = start + k * spread
-                self.intended[(bar.symbol, bar.ts)] = due
+            k = 0
+            while k < n:
                 now = time.time_ns()
-                if due > now + 200_000:
-                    if chunk:
-                        writer.write(b"".join(chunk))
-                        chunk.clear()
-                    await asyncio.sleep((due - now) / NS)
-                else:
-                    lag = now - due
-                    if lag > 1_000_000:
-                        self.late += 1
-                        self.max_lag_ns = max(self.max_lag_ns, lag)
-                chunk.append(dbn_records[m][k] if dbn_records is not None else packer.pack(bar_map(bar)))
-                seq = bar.seq
-            if dbn_records is None:  # DBN has no minute_end: the daemon ends a minute when all reported
-                chunk.append(packer.pack(minute_end_map(seq + 1, bars[0].ts, len(bars))))
-            writer.write(b"".join(chunk))
+                due_k = start + k * spread
+                if due_k > now + 200_000:
+                    await asyncio.sleep((due_k - now) / NS)
+                    continue
+                j = n if not spread else min(n, (now + 200_000 - start) // spread + 1)
+                lag = now - (start + np.arange(k, j, dtype=np.int64) * spread)
+                late = lag > 1_000_000
+                if late.any():
+                    self.late += int(late.sum())
+                    self.max_lag_ns = max(self.max_lag_ns, int(lag.max()))
+                writer.write(payload[int(ends[k - 1]) if k else 0 : int(ends[j - 1])])
+                k = j
+            bars = self.minutes[m]
+            seq = bars[-1].seq
+            if self.o.feed != "dbn":  # DBN has no minute_end: the daemon ends a minute when all reported
+                writer.write(packer.pack(minute_end_map(seq + 1, bars[0].ts, len(bars))))
             await writer.drain()
         self.done.set()
         await reader.read()  # keep the connection until the daemon goes
@@ -272,7 +306,7 @@ port = {broker_port}
 symbols = {json.dumps(names)}
 [batch]
 max_batch = {(8192 if o.engine == "timing" else 256) if o.batching else 1}
-max_delay_us = 1000
+max_delay_us = {o.max_delay_us}
 [engine]
 allow_unqualified = true  # the shipped model is not qualified; the harness measures the daemon
 [engine.primary]
@@ -329,14 +363,15 @@ level = "error"
         log.close()
     wall = time.monotonic() - started
 
-    bar_of = {r["id"]: (r["symbol"], r["ts_event"]) for r in read_journal(journal) if r["kind"] == "intent"}
+    bar_of = {r["id"]: (r["symbol"], r["ts_event"]) for r in per_order(read_journal(journal)) if r["kind"] == "intent"}
     hist = HdrHistogram(1, 600_000_000, 3)  # microseconds, up to 10 minutes
     received = read_orders(broker_log)
     for order in received:
         key = bar_of.get(order["cl_ord_id"])
-        if key is None or key not in driver.intended:
+        intended = driver.intended_ns(key) if key is not None else None
+        if intended is None:
             continue
-        hist.record_value(max(1, (order["ts_recv"] - driver.intended[key]) // 1000))
+        hist.record_value(max(1, (order["ts_recv"] - intended) // 1000))
     span_s = len(minutes) * driver.period_ns / NS
     report = Report(options=asdict(o))
     report.bars_sent = sum(len(m) for m in minutes)
@@ -425,6 +460,7 @@ def summary(report: Report) -> dict[str, Any]:
         else "NOT qualified: traded because engine.allow_unqualified = true (a benchmark)",
         "feed": o["feed"],
         "fsync": o["fsync"],
+        "max_delay_us": o.get("max_delay_us", 1000),
         "symbols": 1 if o["scenario"] == "steady" else o["symbols"],
         "minutes": o["minutes"],
         "t2o_us": {
@@ -519,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--runs", type=int, default=1, help="repeat the run; the summary adds the median of each figure"
     )
+    parser.add_argument(
+        "--max-delay-us",
+        type=int,
+        default=1000,
+        help="the daemon's batch.max_delay_us (0: each batch starts as soon as the engine is free)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (the summary) on stdout")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path)
@@ -537,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         engine=args.engine,
         feed=args.feed,
         fsync=args.fsync,
+        max_delay_us=args.max_delay_us,
     )
     runs: list[dict[str, Any]] = []
     for _ in range(max(1, args.runs)):

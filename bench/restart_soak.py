@@ -32,6 +32,7 @@ from bench.crash_matrix import broker_positions
 from bench.harness import admin_status, spawn_server
 from bench.rig import daemon_config, spawn_daemon
 from broker.journal import read_journal, sealed_segments, snapshots
+from broker.records import per_order
 from broker.sim import read_orders
 
 NS_PER_MIN = 60_000_000_000
@@ -74,7 +75,7 @@ def _first_order_after(kill_ns: int, broker_log: Path, base: Path, timeout: floa
         time.sleep(0.02)
     if first is None:
         return {"kill_to_first_order_s": None, "feed_minutes_before_first_order": None}
-    records = list(read_journal(base))
+    records = list(per_order(read_journal(base)))
     starts = [k for k, r in enumerate(records) if r["kind"] == "start"]
     after = records[starts[-1] :] if starts else records
     bars = next((r for r in after if r["kind"] == "bars"), None)

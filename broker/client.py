@@ -9,6 +9,7 @@ from typing import Protocol, cast
 import msgpack
 
 from broker import protocol as wire
+from broker.bulk import FrameEncoder, NewOrders
 from broker.errors import FrameError
 from broker.framing import FrameReader
 from broker.reconnect import Backoff, ClosingProtocol, keep_connected
@@ -85,6 +86,7 @@ class GatewayClient:
         self._transport: asyncio.Transport | None = None
         self._packer = msgpack.Packer()
         self._corked: list[bytes] | None = None  # writes held by cork()
+        self._frames: FrameEncoder | None = None
         self._stopping = asyncio.Event()
         self.connected_event = asyncio.Event()
         self.malformed = 0
@@ -113,6 +115,22 @@ class GatewayClient:
         if transport is None or transport.is_closing():
             return False
         data = self._packer.pack(wire.encode(message))
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            transport.write(data)
+        return True
+
+    def send_new_orders(self, orders: NewOrders) -> bool:
+        """Write a batch's new orders, their frames in one buffer; False when there is no
+        connection to write them to (then none was written)."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        encoder = self._frames
+        if encoder is None or encoder.universe is not orders.universe:
+            self._frames = encoder = FrameEncoder(orders.universe)
+        data = encoder.encode(orders)
         if self._corked is not None:
             self._corked.append(data)
         else:

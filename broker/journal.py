@@ -39,7 +39,7 @@ import msgspec
 
 from broker.crashpoints import CRASH
 from broker.errors import JournalError
-from broker.records import FORMAT, Header, Record
+from broker.records import FORMAT, READS, Header, Record
 
 FsyncPolicy = Literal["none", "batch", "always"]
 
@@ -234,8 +234,9 @@ def recover_journal(path: Path, unknown: dict[str, int] | None = None) -> tuple[
         first = records[0]
         if not isinstance(first, Header):
             raise JournalError(str(path), "header", ValueError(f"first record is {type(first).__name__}"))
-        if first.format != FORMAT:
-            raise JournalError(str(path), "header", ValueError(f"format {first.format}; this build reads {FORMAT}"))
+        if first.format not in READS:
+            known = ", ".join(map(str, sorted(READS)))
+            raise JournalError(str(path), "header", ValueError(f"format {first.format}; this build reads {known}"))
     size = path.stat().st_size
     if size > good:
         with path.open("r+b") as f:

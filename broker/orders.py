@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
+import numpy.typing as npt
+
 from broker.errors import IllegalTransitionError
+from broker.ledger import Ledger
 from broker.protocol import ExecReport, ExecStatus, Side
 
 
@@ -149,19 +154,67 @@ def check_report(order: Order, report: ExecReport) -> Refusal | None:
     return None
 
 
-@dataclass(slots=True)
 class OrderBook:
-    """Orders by client id, with the positions their fills have made."""
+    """Orders by client id, with the positions their fills have made.
 
-    orders: dict[str, Order] = field(default_factory=dict)
-    positions: dict[str, int] = field(default_factory=dict)
-    open_qty: dict[str, int] = field(default_factory=dict)
-    working: dict[str, Order] = field(default_factory=dict)  # sent and not yet final
-    last_fill_px: dict[str, float] = field(default_factory=dict)
-    # Final orders are kept for late reports and operators, the most recent ``retain_final`` of
-    # them: a daemon that runs for months must not grow with every order it ever sent.
-    retain_final: int = 10_000
-    _final: deque[str] = field(default_factory=deque)
+    ``positions`` and ``open_qty`` are ``Ledger``s: once ``index`` (the universe) is given, their
+    sum per symbol (the exposure) is also kept as an array by universe index, for the batch
+    gates. Assigning a whole new mapping to either keeps that array right."""
+
+    __slots__ = (
+        "_final",
+        "_index",
+        "_open_qty",
+        "_positions",
+        "exposure_totals",
+        "last_fill_px",
+        "orders",
+        "retain_final",
+        "working",
+    )
+
+    def __init__(self, retain_final: int = 10_000) -> None:
+        self.orders: dict[str, Order] = {}
+        self.working: dict[str, Order] = {}  # sent and not yet final
+        self.last_fill_px: dict[str, float] = {}
+        # Final orders are kept for late reports and operators, the most recent ``retain_final``
+        # of them: a daemon that runs for months must not grow with every order it ever sent.
+        self.retain_final = retain_final
+        self._final: deque[str] = deque()
+        self._positions = Ledger()
+        self._open_qty = Ledger()
+        self.exposure_totals: npt.NDArray[np.int64] | None = None
+        self._index: Mapping[str, int] | None = None
+
+    @property
+    def positions(self) -> Ledger:
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: Mapping[str, int]) -> None:
+        self._positions = Ledger(value)
+        self._relink()
+
+    @property
+    def open_qty(self) -> Ledger:
+        return self._open_qty
+
+    @open_qty.setter
+    def open_qty(self, value: Mapping[str, int]) -> None:
+        self._open_qty = Ledger(value)
+        self._relink()
+
+    def index_by(self, index: Mapping[str, int]) -> None:
+        """Keep the exposure of the symbols of ``index`` as an array (``exposure_totals``)."""
+        self._index = index
+        self._relink()
+
+    def _relink(self) -> None:
+        if self._index is not None:
+            totals = np.zeros(max(self._index.values(), default=-1) + 1, dtype=np.int64)
+            self._positions.attach(self._index, totals)
+            self._open_qty.attach(self._index, totals)
+            self.exposure_totals = totals
 
     def add(self, order: Order) -> None:
         self.orders[order.cl_ord_id] = order
@@ -175,6 +228,20 @@ class OrderBook:
         order.ts_send = ts_send
         self.open_qty[order.symbol] = self.open_qty.get(order.symbol, 0) + order.signed_open_qty
         self.working[order.cl_ord_id] = order
+
+    def add_sent(self, orders: list[Order], ts_send: int) -> None:
+        """New orders written to the broker together (``add`` then ``mark_sent`` for each)."""
+        book, working, open_qty = self.orders, self.working, self._open_qty
+        sent = OrderState.SENT
+        for order in orders:
+            if order.state is not OrderState.INTENT:
+                raise IllegalTransitionError(order.cl_ord_id, order.state, sent)
+            order.state = sent
+            order.ts_send = ts_send
+            book[order.cl_ord_id] = order
+            working[order.cl_ord_id] = order
+            symbol = order.symbol
+            open_qty[symbol] = open_qty.get(symbol, 0) + (order.qty if order.side is Side.BUY else -order.qty)
 
     def apply(self, report: ExecReport) -> Refusal | None:
         """Apply a report once; returns None, or why it was not applied (nothing changed then)."""

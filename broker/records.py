@@ -10,11 +10,14 @@ format it does not know instead of guessing at it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
+import numpy as np
 
-FORMAT = 2
+FORMAT = 3  # 3 added ``orders`` (a batch's intents and sends in one record)
+READS = frozenset({2, 3})  # formats this build reads: 2 is 3 without ``orders``
 
 
 class _Record(msgspec.Struct, frozen=True, tag_field="kind", kw_only=True, omit_defaults=False):
@@ -73,6 +76,65 @@ class Send(_Record, frozen=True, tag="send"):
     """The order is about to be written to the broker (journaled and synced before the write)."""
 
     id: str
+
+
+class Orders(_Record, frozen=True, tag="orders"):
+    """A batch's orders that passed every gate at once: each one's intent and its send, column
+    by column (little-endian arrays), journaled and synced before any of them is written. Order
+    k's client id is ``f"{prefix}-{first + k}"``; restore reads it as an ``Intent`` then a
+    ``Send`` per order (``order_rows`` gives tools the same rows)."""
+
+    prefix: str
+    first: int
+    symbols: list[str]
+    side: bytes  # int8: +1 buy, -1 sell
+    qty: bytes  # int64
+    price: bytes  # float64
+    ts_event: bytes  # int64
+    signal: bytes  # int8: the class, an index of SIGNALS
+    confidence: bytes  # float64, rounded to 4 places
+
+
+SIGNALS = ("sell", "hold", "buy")  # ``Orders.signal`` codes (the policy's classes)
+
+
+def order_rows(r: Orders | dict[str, Any]) -> list[dict[str, Any]]:
+    """An ``Orders`` record (typed, or a plain map from ``read_journal``) as one map per order,
+    with the fields of an ``Intent``."""
+    fields: dict[str, Any] = r if isinstance(r, dict) else msgspec.structs.asdict(r)
+    get = fields.__getitem__
+    prefix, first, symbols = get("prefix"), get("first"), get("symbols")
+    side = np.frombuffer(get("side"), dtype=np.int8).tolist()
+    qty = np.frombuffer(get("qty"), dtype="<i8").tolist()
+    price = np.frombuffer(get("price"), dtype="<f8").tolist()
+    ts_event = np.frombuffer(get("ts_event"), dtype="<i8").tolist()
+    signal = np.frombuffer(get("signal"), dtype=np.int8).tolist()
+    confidence = np.frombuffer(get("confidence"), dtype="<f8").tolist()
+    return [
+        {
+            "id": f"{prefix}-{first + k}",
+            "symbol": symbols[k],
+            "side": "buy" if side[k] > 0 else "sell",
+            "qty": qty[k],
+            "price": price[k],
+            "ts_event": ts_event[k],
+            "signal": SIGNALS[signal[k]],
+            "confidence": confidence[k],
+        }
+        for k in range(len(symbols))
+    ]
+
+
+def per_order(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Journal maps (``read_journal``) with each ``orders`` record told order by order, as the
+    ``intent`` and ``send`` records it stands for (for tools that follow orders one by one)."""
+    for r in records:
+        if r.get("kind") != "orders":
+            yield r
+            continue
+        for row in order_rows(r):
+            yield {"kind": "intent", "ts": r["ts"], **row}
+            yield {"kind": "send", "ts": r["ts"], "id": row["id"]}
 
 
 class Report(_Record, frozen=True, tag="report"):
@@ -181,6 +243,7 @@ Record = (
     | Parked
     | Review
     | Send
+    | Orders
     | Report
     | Cancel
     | HaltRecord

@@ -23,6 +23,7 @@ import structlog
 
 from broker import protocol as wire
 from broker import records as rec
+from broker.bulk import NewOrders
 from broker.client import Gateway
 from broker.journal import Journal
 from broker.orders import FINAL, Order, OrderBook, OrderState
@@ -31,7 +32,7 @@ from daemon.batcher import Batch, BatchTiming
 from daemon.clock import Clock
 from daemon.config import Config
 from daemon.engineset import FailoverEvent
-from daemon.order_manager import OrderManager
+from daemon.order_manager import OrderBlock, OrderManager
 from daemon.policy import CLASS_NAMES, SignalPolicy
 from daemon.risk_engine import Gross, RiskEngine
 from daemon.stats import Stats
@@ -66,8 +67,11 @@ class OrderDesk:
             stats,
             on_inconsistent=self._inconsistent,
             on_sent=self.risk.remember_send,
+            on_block_sent=self.risk.remember_same,
             universe=frozenset(self.symbols),
         )
+        self.book.index_by(windows.index)
+        self._names = np.array(self.symbols, dtype=object)
         self.halt_log: deque[HaltEvent] = deque(maxlen=HALT_LOG)
         self.engine_active: str | None = None  # the journal's word on which engine was serving
         self.fail_stopped = False  # the last process stopped itself on a fault
@@ -137,6 +141,15 @@ class OrderDesk:
                 case rec.Send() if order is not None and order.state in (OrderState.INTENT, OrderState.PARKED):
                     book.mark_sent(order, 0)
                     risk.remember_send(order, r.ts)
+                case rec.Orders():
+                    for row in rec.order_rows(r):
+                        if row["id"] in book.orders:
+                            continue
+                        side = wire.Side(row["side"])
+                        sent = Order(row["id"], row["symbol"], side, row["qty"], row["price"], row["ts_event"], 0)
+                        book.add(sent)
+                        book.mark_sent(sent, 0)
+                        risk.remember_send(sent, r.ts)
                 case rec.Report():
                     orders.restore_report(r)
                 case rec.Cancel() if order is not None:
@@ -363,50 +376,90 @@ class OrderDesk:
         self.stats.send.record(self.clock.mono_ns() - decided)
 
     def _signals_at_once(self, batch: Batch, rows: list[int], cls: list[int], conf: list[float]) -> None:
-        """``_signal`` for each row, with the policy and the gates over arrays: the orders the
-        batch gates pass go straight to the outbox; the rest are decided one by one, exactly as
-        ``_signal`` would (the batch gates never pass an order the scalar gates would stop)."""
+        """``_signal`` for each row, with the policy and the gates over arrays. The orders the
+        batch gates pass become one block: one journal record, one write, and ``Order``s in the
+        book once they are on the wire. The rest are decided one by one, in their place, exactly
+        as ``_signal`` would (the batch gates never pass an order the scalar gates would stop),
+        each seeing the running totals (gross exposure, orders sent) as of its place."""
         at = np.asarray(rows, dtype=np.int64)
         idx = batch.symbols[at]
-        names = [self.symbols[i] for i in idx.tolist()]
-        book = self.book
-        exposure = np.fromiter((book.exposure(n) for n in names), dtype=np.int64, count=len(names))
-        intents = self.policy.intents(
-            np.asarray(cls, dtype=np.int64)[at],
-            np.asarray(conf, dtype=np.float64)[at],
-            np.asarray(batch.close, dtype=np.float64)[at],
-            exposure,
-        )
+        totals = self.book.exposure_totals
+        if totals is not None:
+            exposure = totals[idx]
+        else:
+            book = self.book
+            exposure = np.fromiter((book.exposure(self.symbols[i]) for i in idx.tolist()), np.int64, len(idx))
+        cls_all = np.asarray(cls, dtype=np.int64)[at]
+        conf_all = np.asarray(conf, dtype=np.float64)[at]
+        intents = self.policy.intents(cls_all, conf_all, np.asarray(batch.close, dtype=np.float64)[at], exposure)
         k = intents.rows
         if not len(k):
             return
-        view = self.risk.batch_view(idx[k], [names[j] for j in k.tolist()], exposure[k], self._gross, intents)
-        orders = bg.BatchOrders(intents.side, intents.qty, np.asarray(intents.price), np.asarray(batch.ts_event)[at[k]])
+        sym = idx[k]
+        names: list[str] = self._names[sym].tolist()
+        view = self.risk.batch_view(sym, names, exposure[k], self._gross, intents)
+        price = np.asarray(intents.price, dtype=np.float64)
+        ts_event = np.asarray(batch.ts_event, dtype=np.int64)[at[k]]
+        orders = bg.BatchOrders(intents.side, intents.qty, price, ts_event)
         go, _static, _stop = bg.passes(orders, self.risk.limits, view)
-        change = bg.exposure_change(orders, view)
-        conf_rounded = [round(conf[rows[j]], 4) for j in k.tolist()]
-        for n, j in enumerate(k.tolist()):
-            row = rows[j]
-            symbol = names[j]
-            self.stats.intents += 1
+        change = np.where(go, bg.exposure_change(orders, view), 0.0)
+        confidence = np.round(conf_all[k], 4)
+        self.stats.intents += len(k)
+        g = np.flatnonzero(go)
+        if len(g):
+            self.stats.orders_batch_gated += len(g)
+            taken = at[k][g]
+            ready = np.asarray(batch.ts_ready, dtype=np.int64)[taken] if batch.ts_ready else np.zeros(len(g), np.int64)
+            new = NewOrders(
+                self.orders.id_prefix,
+                self.orders.next_ids(len(g)),
+                self.symbols,
+                sym[g],
+                intents.side[g].astype(np.int8),
+                intents.qty[g],
+                price[g],
+                0,
+            )
+            block = OrderBlock(
+                new,
+                [names[j] for j in g.tolist()],
+                ts_event[g],
+                np.asarray(batch.ts_recv, dtype=np.int64)[taken],
+                ready,
+                cls_all[k][g].astype(np.int8),
+                confidence[g],
+            )
+            self.orders.queue_block(block)
+        wall = self.clock.wall_ns()
+        base, unpriced = self._gross.value, self._gross.unpriced
+        gross_at = base + np.cumsum(change)  # before each order, with what went before it
+        went_before = np.cumsum(go)
+        counted, extra = 0, 0.0
+        for j in np.flatnonzero(~go).tolist():
+            upto = int(went_before[j])
+            if upto > counted:
+                self.risk.count_sends(upto - counted, wall)
+                counted = upto
+            before = float(gross_at[j]) + extra
+            self._gross = Gross(before, unpriced)
+            row = rows[int(k[j])]
             order = Order(
                 self.orders.next_id(),
-                symbol,
-                wire.Side.BUY if intents.side[n] > 0 else wire.Side.SELL,
-                int(intents.qty[n]),
-                intents.price[n],
+                names[j],
+                wire.Side.BUY if intents.side[j] > 0 else wire.Side.SELL,
+                int(intents.qty[j]),
+                intents.price[j],
                 batch.ts_event[row],
                 batch.ts_recv[row],
                 ts_ready=batch.ts_ready[row] if batch.ts_ready else 0,
             )
-            signal = CLASS_NAMES[cls[row]]
-            self.orders.intent(order, signal, conf_rounded[n])
-            if go[n]:
-                self.stats.orders_batch_gated += 1
-                self._gross = Gross(self._gross.value + float(change[n]), self._gross.unpriced)
-                self.orders.queue(order, self._fields(order, signal=signal, confidence=conf_rounded[n]))
-            else:
-                self._decide(order, order.ts_event, review=True, signal=signal, confidence=conf_rounded[n])
+            signal, rounded = CLASS_NAMES[cls[row]], float(confidence[j])
+            self.orders.intent(order, signal, rounded)
+            self._decide(order, order.ts_event, review=True, signal=signal, confidence=rounded)
+            extra += self._gross.value - before
+        if len(g) > counted:
+            self.risk.count_sends(len(g) - counted, wall)
+        self._gross = Gross(float(gross_at[-1]) + extra, unpriced)
 
     def _signal(self, batch: Batch, row: int, cls: int, confidence: float) -> None:
         i = int(batch.symbols[row])

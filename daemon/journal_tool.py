@@ -23,7 +23,7 @@ import orjson
 
 from broker.errors import JournalError
 from broker.journal import read_snapshot, sealed_segments, snapshots
-from broker.records import FORMAT, Header, Record
+from broker.records import READS, Header, Record, order_rows
 
 
 def journal_path(args: argparse.Namespace) -> Path:
@@ -102,23 +102,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             if record is None:
                 print(f"tradingd journal: {path} at byte {offset}: not a record (torn tail?)", file=sys.stderr)
                 break
-            kind, ts = record.get("kind"), _ts(record)
-            if kind == "intent":
-                symbol_of[str(record.get("id"))] = str(record.get("symbol"))
-            if kinds and kind not in kinds:
-                continue
-            if (since is not None and ts < since) or (until is not None and ts > until):
-                continue
-            if args.symbol:
-                symbol = record.get("symbol") or symbol_of.get(str(record.get("id")))
-                if symbol != args.symbol and not (kind == "bars" and args.symbol in record.get("symbols", ())):
+            # A batch's block of orders is shown order by order (kind "orders", each with its id).
+            told = (
+                [{"kind": "orders", "ts": record.get("ts"), **row} for row in order_rows(record)]
+                if record.get("kind") == "orders"
+                else [record]
+            )
+            for one in told:
+                kind, ts = one.get("kind"), _ts(one)
+                if kind in ("intent", "orders"):
+                    symbol_of[str(one.get("id"))] = str(one.get("symbol"))
+                if kinds and kind not in kinds:
                     continue
-            line = _printable(record)
-            line["segment"] = segment
-            out.write(orjson.dumps(line, default=str) + b"\n")
-            shown += 1
-            if args.limit and shown >= args.limit:
-                return 0
+                if (since is not None and ts < since) or (until is not None and ts > until):
+                    continue
+                if args.symbol:
+                    symbol = one.get("symbol") or symbol_of.get(str(one.get("id")))
+                    if symbol != args.symbol and not (kind == "bars" and args.symbol in one.get("symbols", ())):
+                        continue
+                line = _printable(one)
+                line["segment"] = segment
+                out.write(orjson.dumps(line, default=str) + b"\n")
+                shown += 1
+                if args.limit and shown >= args.limit:
+                    return 0
     return 0
 
 
@@ -155,8 +162,9 @@ def verify(base: Path) -> list[str]:
             if k == 0:
                 if not isinstance(typed, Header):
                     problems.append(f"{path}: first record is {record.get('kind')}, not a header")
-                elif typed.format != FORMAT:
-                    problems.append(f"{path}: format {typed.format}, this build reads {FORMAT}")
+                elif typed.format not in READS:
+                    known = ", ".join(map(str, sorted(READS)))
+                    problems.append(f"{path}: format {typed.format}, this build reads {known}")
                 elif segment != "active" and typed.segment != int(segment):
                     problems.append(f"{path}: header says segment {typed.segment}")
                 elif segment == "active" and last is not None and typed.segment != last + 1:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
 from broker import protocol as wire
 from broker import records as rec
+from broker.bulk import NewOrders
 from broker.client import Gateway
 from broker.crashpoints import CRASH
 from broker.journal import Journal
@@ -52,6 +55,24 @@ def synthetic_report(
     )
 
 
+@dataclass(slots=True)
+class OrderBlock:
+    """A batch's orders that passed every gate at once (distinct symbols), as columns: they are
+    journaled as one ``Orders`` record and written in one go, and become ``Order``s in the book
+    only after they are on the wire."""
+
+    orders: NewOrders  # ids, symbols, sides, quantities, prices (``ts`` is set when written)
+    symbols: list[str]
+    ts_event: npt.NDArray[np.int64]
+    ts_recv: npt.NDArray[np.int64]  # mono ns of the read that brought each bar
+    ts_ready: npt.NDArray[np.int64]  # mono ns each bar was in its window (0: unknown)
+    signal: npt.NDArray[np.int8]  # the class (``records.SIGNALS``)
+    confidence: npt.NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+
 class OrderManager:
     def __init__(
         self,
@@ -61,6 +82,7 @@ class OrderManager:
         *,
         on_inconsistent: Callable[[str, str], None] = lambda symbol, detail: None,
         on_sent: Callable[[Order, int], None] = lambda order, wall: None,
+        on_block_sent: Callable[[list[Order], int], None] = lambda orders, wall: None,
         universe: frozenset[str] | None = None,
     ) -> None:
         self.clock = clock
@@ -72,11 +94,13 @@ class OrderManager:
         self.session = 1
         self.on_inconsistent = on_inconsistent
         self.on_sent = on_sent
+        self.on_block_sent = on_block_sent
         self.universe = universe  # positions outside it are the broker's business, not tracked here
         self.status_asked_ns: int | None = None  # a status request is outstanding since (mono ns)
         self.order_seq = 0
         self._id_prefix = ""
         self._outbox: list[tuple[Order, dict[str, Any]]] = []
+        self._blocks: list[OrderBlock] = []
 
     # -- start-up -------------------------------------------------------------------------
 
@@ -109,6 +133,16 @@ class OrderManager:
     def next_id(self) -> str:
         self.order_seq += 1
         return f"{self._id_prefix}-{self.order_seq}"
+
+    @property
+    def id_prefix(self) -> str:
+        return self._id_prefix
+
+    def next_ids(self, n: int) -> int:
+        """Take ``n`` order numbers at once; returns the first (ids as ``next_id`` makes them)."""
+        first = self.order_seq + 1
+        self.order_seq += n
+        return first
 
     def intent(self, order: Order, signal: str, confidence: float) -> None:
         self.journal.append(
@@ -145,6 +179,26 @@ class OrderManager:
         self.on_sent(order, wall)
         self._outbox.append((order, fields))
 
+    def queue_block(self, block: OrderBlock) -> None:
+        """Journal a block's intents and sends as one record; its orders are written at
+        ``commit``, after the journal sync, with the batch's other orders."""
+        o = block.orders
+        self.journal.append(
+            rec.Orders(
+                ts=self.clock.wall_ns(),
+                prefix=o.prefix,
+                first=o.first,
+                symbols=block.symbols,
+                side=o.side.astype(np.int8).tobytes(),
+                qty=o.qty.astype("<i8").tobytes(),
+                price=o.price.astype("<f8").tobytes(),
+                ts_event=block.ts_event.astype("<i8").tobytes(),
+                signal=block.signal.astype(np.int8).tobytes(),
+                confidence=block.confidence.astype("<f8").tobytes(),
+            )
+        )
+        self._blocks.append(block)
+
     def commit(self, timing: BatchTiming | None = None, decided_ns: int = 0) -> None:
         """Group commit: the batch's records reach the journal file (and the disk, per the fsync
         policy) before any of its orders leaves, so a crash can lose an order's send but never
@@ -153,7 +207,8 @@ class OrderManager:
         self.journal.sync()
         synced = self.clock.mono_ns()
         outbox, self._outbox = self._outbox, []
-        if not outbox:
+        blocks, self._blocks = self._blocks, []
+        if not outbox and not blocks:
             return
         if CRASH.armed:
             CRASH.reached("batch_synced")
@@ -163,12 +218,20 @@ class OrderManager:
             corked.cork()
         try:
             written = self._write(outbox)
+            blocks_written = [(block, self._write_block(block)) for block in blocks]
         finally:
             if corked is not None:
                 corked.uncork()
         # Sent when written to the socket: after the batch's one write, for every order in it.
         ts_send = self.clock.mono_ns()
         s = self.stats
+        for block, k in blocks_written:
+            recv = block.ts_recv[:k]
+            s.tick_to_order.record_many(ts_send - recv)
+            if timing is not None:
+                ready = block.ts_ready[:k]
+                staged = ready != 0
+                s.stages.record_many(recv[staged], ready[staged], timing, decided_ns, synced, ts_send)
         mark_sent = self.book.mark_sent
         for order, _fields in written:
             mark_sent(order, ts_send)
@@ -180,13 +243,84 @@ class OrderManager:
             ready = np.fromiter((o.ts_ready for o, _ in written), dtype=np.int64, count=len(written))
             staged = timed & (ready != 0)
             s.stages.record_many(recv[staged], ready[staged], timing, decided_ns, synced, ts_send)
-        if len(written) < len(outbox):
+        # Everything is on the wire: now the blocks' orders become ``Order``s in the book.
+        for block, k in blocks_written:
+            self._booked(block, k, ts_send)
+        if len(written) < len(outbox) or any(k < len(block) for block, k in blocks_written):
             self.journal.sync()
         # Logged after the whole batch is on the wire: a log line never delays the next order.
         if _info(log):
             for (order, fields), ok in zip(written, timed.tolist(), strict=True):
                 latency = (ts_send - order.ts_recv) // 1000 if ok else None
                 log.info("order_sent", tick_to_order_us=latency, **fields)
+            for block, k in blocks_written:
+                if k:
+                    t2o = (ts_send - block.ts_recv[:k]) // 1000
+                    ids = block.orders.ids()
+                    log.info(
+                        "orders_sent",
+                        orders=k,
+                        first_id=ids[0],
+                        last_id=ids[k - 1],
+                        tick_to_order_us_max=int(t2o.max()),
+                        detail="one batch's orders that passed every gate at once; each is in the journal",
+                    )
+
+    def _write_block(self, block: OrderBlock) -> int:
+        """Write a block's orders (one buffer where the gateway takes one); returns how many,
+        from the first, were written."""
+        gateway = self.gateway
+        block.orders = orders = replace(block.orders, ts=self.clock.wall_ns())
+        if gateway is None:
+            return 0
+        send_new_orders = getattr(gateway, "send_new_orders", None)
+        if send_new_orders is not None and not CRASH.armed:
+            return len(orders) if send_new_orders(orders) else 0
+        for k, message in enumerate(orders.messages()):
+            if CRASH.armed and k == 1:
+                CRASH.reached("batch_partly_sent")
+            if not gateway.send(message):
+                return k  # written: the ones before it
+            if CRASH.armed:
+                CRASH.reached("sent_not_marked")
+        return len(orders)
+
+    def _booked(self, block: OrderBlock, k: int, ts_send: int) -> None:
+        """The block's orders into the book: the first ``k`` sent, the rest closed as never
+        sent (journaled), as ``_write`` closes an order the gateway could not write."""
+        o = block.orders
+        book = self.book
+        ids = o.ids()
+        sides = [wire.Side.BUY if x > 0 else wire.Side.SELL for x in o.side.tolist()]
+        made = [
+            Order(cl_ord_id, symbol, side, qty, price, ts_event, ts_recv, ts_ready=ts_ready)
+            for cl_ord_id, symbol, side, qty, price, ts_event, ts_recv, ts_ready in zip(
+                ids,
+                block.symbols,
+                sides,
+                o.qty.tolist(),
+                o.price.tolist(),
+                block.ts_event.tolist(),
+                block.ts_recv.tolist(),
+                block.ts_ready.tolist(),
+                strict=True,
+            )
+        ]
+        book.add_sent(made[:k], ts_send)
+        self.stats.orders_sent += k
+        if k:
+            self.on_block_sent(made[:k], o.ts)
+        if k == len(made):
+            return
+        detail = "the gateway could not write it (disconnected)"
+        wall = self.clock.wall_ns()
+        for order in made[k:]:
+            book.add(order)
+            self.journal.append(rec.Abandoned(ts=wall, id=order.cl_ord_id, detail=detail))
+            book.deny(order)
+            self.stats.sends_failed += 1
+            self.stats.orders_denied["send_failed"] += 1
+        log.error("orders_not_sent", orders=len(made) - k, first_id=made[k].cl_ord_id, detail=detail)
 
     def _write(self, outbox: list[tuple[Order, dict[str, Any]]]) -> list[tuple[Order, dict[str, Any]]]:
         """Hand each order to the gateway; one it cannot write is closed as never sent."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,9 +118,26 @@ class RiskEngine:
     def gross(self, book: OrderBook) -> Gross:
         """Sum of |position + working| at the last close, or the last fill price where no bar has
         arrived since a restart; a held symbol with neither makes the exposure unknown."""
+        totals = book.exposure_totals
+        if totals is None:
+            return self._gross_of(book, set(book.positions) | set(book.open_qty), 0.0)
+        w = self.windows
+        held = np.flatnonzero(totals)
+        priced = w.count[held] > 0
+        at = held[priced]
+        prices = w.last_close[at]
+        if not (np.isfinite(prices).all() and (prices > 0.0).all()):
+            bad = at[~(np.isfinite(prices) & (prices > 0.0))]
+            return Gross(math.inf, self.windows.symbols[int(bad[0])])
+        total = float(np.abs(totals[at]).astype(np.float64) @ prices)
+        # Held with no bar since a restart (priced by the last fill), or outside the universe.
+        rest = [self.windows.symbols[i] for i in held[~priced].tolist()]
+        rest += book.positions.outside | book.open_qty.outside
+        return self._gross_of(book, rest, total)
+
+    def _gross_of(self, book: OrderBook, symbols: Iterable[str], total: float) -> Gross:
         index, closes, counts = self.windows.index, self.windows.last_close, self.windows.count
-        total = 0.0
-        for symbol in set(book.positions) | set(book.open_qty):
+        for symbol in symbols:
             held = abs(book.exposure(symbol))
             if not held:
                 continue
@@ -155,8 +173,8 @@ class RiskEngine:
         w = self.windows
         priced = w.count[idx] > 0
         ref = np.where(priced, w.last_close[idx], 0.0)
-        state = self.halts.state
-        codes = np.fromiter((bg.STATE_CODE[state[s]] for s in symbols), dtype=np.int8, count=len(symbols))
+        codes = self.halts.state.codes[idx]
+        self._forget_same(wall)
         last_same = self._last_same
         same = (
             np.fromiter(
@@ -237,17 +255,39 @@ class RiskEngine:
         )
 
     def remember_send(self, order: Order, wall: int) -> None:
+        self.count_sends(1, wall)
+        self.remember_same([order], wall)
+
+    def count_sends(self, n: int, wall: int) -> None:
+        """``n`` orders sent at ``wall``, for the throttle."""
         recent = self.recent_sends
-        recent.append(wall)
+        recent.extend([wall] * n)
         horizon = wall - self.limits.throttle_window_ns
-        while recent[0] <= horizon:  # only sends inside the throttle window count
+        while recent and recent[0] <= horizon:  # only sends inside the throttle window count
             recent.popleft()
+
+    def remember_same(self, orders: list[Order], wall: int) -> None:
+        """Orders sent at ``wall``, for the duplicate window (kept oldest first)."""
         last_same = self._last_same
-        last_same[(order.symbol, order.side, order.qty, order.price)] = wall
+        for order in orders:
+            key = (order.symbol, order.side, order.qty, order.price)
+            last_same.pop(key, None)
+            last_same[key] = wall
         if len(last_same) > 4 * len(self.windows.symbols) + 1024:
-            # Only sends inside the duplicate window matter; forget the rest.
-            horizon = wall - self.limits.duplicate_window_ns
-            self._last_same = {k: ts for k, ts in last_same.items() if ts > horizon}
+            self._forget_same(wall)
+
+    def _forget_same(self, wall: int) -> None:
+        """Only sends inside the duplicate window matter: forget the older ones (the oldest
+        come first, so this stops at the first one still inside)."""
+        horizon = wall - self.limits.duplicate_window_ns
+        last_same = self._last_same
+        old = []
+        for key, ts in last_same.items():
+            if ts > horizon:
+                break
+            old.append(key)
+        for key in old:
+            del last_same[key]
 
     def recent_same(self) -> list[tuple[str, str, int, float, int]]:
         """The sends still inside the duplicate window (for a snapshot)."""

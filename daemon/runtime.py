@@ -565,8 +565,9 @@ class Runtime:
         counts = np.bincount(cls, minlength=3)
         for k, name in enumerate(CLASS_NAMES):
             s.signals[name] += int(counts[k])
-        for row in np.flatnonzero(cls != HOLD).tolist():
-            s.accuracy.signal(int(batch.symbols[row]), 1 if cls[row] > HOLD else -1, batch.close[row])
+        called = np.flatnonzero(cls != HOLD)
+        closes = np.asarray(batch.close, dtype=np.float64)[called]
+        s.accuracy.signal_many(batch.symbols[called], np.where(cls[called] > HOLD, 1, -1), closes)
         rows = np.flatnonzero((cls != HOLD) & (conf >= self.config.signal.confidence_threshold))
         if len(rows):
             self.desk.on_signals(batch, rows.tolist(), cls.tolist(), conf.tolist(), timing)

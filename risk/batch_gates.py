@@ -17,14 +17,13 @@ import numpy as np
 import numpy.typing as npt
 
 from risk.gates import Limits
-from risk.states import TradingState
+from risk.states import STATE_CODE, TradingState
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
-# Symbol states as small integers, for arrays.
-STATE_CODE = {TradingState.ACTIVE: 0, TradingState.REDUCING: 1, TradingState.HALTED: 2}
+__all__ = ["NO_TIME", "STATE_CODE", "BatchOrders", "BatchView", "exposure_change", "passes", "static_passes"]
 
 
 @dataclass(frozen=True, slots=True)

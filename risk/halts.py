@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from risk.errors import UnknownSymbolError
-from risk.states import TradingState, transition
+from risk.states import StateMap, TradingState, transition
 
 NS_PER_DAY = 86_400_000_000_000
 
@@ -48,7 +48,7 @@ class HaltBook:
     def __init__(self, rule: HaltRule, symbols: tuple[str, ...]) -> None:
         self.rule = rule
         self.symbols = symbols
-        self.state: dict[str, TradingState] = dict.fromkeys(symbols, TradingState.ACTIVE)
+        self.state = StateMap(symbols)
         self.market = TradingState.ACTIVE
         self.halted_at: dict[str | None, int] = {}
         self._session: dict[str, int] = {}

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from broker import protocol as wire
 from broker.journal import Journal, read_journal
+from broker.records import order_rows
 from daemon.batcher import Batch
 from daemon.clock import FakeClock
 from daemon.config import Config, RiskConfig, SignalConfig, SymbolRiskConfig, UniverseConfig
@@ -155,12 +156,25 @@ def _batch(w: dict[str, Any]) -> tuple[Batch, list[int], list[int], list[float]]
 
 
 def _outcome(desk: OrderDesk, journal: Journal) -> tuple[Any, ...]:
+    """What happened to each symbol's order (orders of a batch have distinct symbols, so the
+    symbol names the order; ids are numbered differently when a block takes some at once)."""
     journal.sync()
-    records = [{k: v for k, v in r.items() if k != "ts"} for r in read_journal(journal.path)]
-    sent = [(m.cl_ord_id, m.symbol, str(m.side), m.qty, m.price) for m in desk.gateway.sent]  # type: ignore[union-attr]
-    states = {k: str(o.state) for k, o in desk.book.orders.items()}
+    symbol_of: dict[str, str] = {}
+    history: dict[str, list[Any]] = {}
+    for r in read_journal(journal.path):
+        rows = order_rows(r) if r["kind"] == "orders" else [r] if r["kind"] == "intent" else []
+        for row in rows:
+            symbol_of[row["id"]] = row["symbol"]
+            history[row["symbol"]] = [{k: v for k, v in row.items() if k not in ("id", "kind", "ts")}]
+            if r["kind"] == "orders":
+                history[row["symbol"]].append({"kind": "send"})
+        if r["kind"] not in ("orders", "intent", "header"):
+            symbol = symbol_of[r["id"]]
+            history[symbol].append({k: v for k, v in r.items() if k not in ("id", "ts")})
+    sent = sorted((m.symbol, str(m.side), m.qty, m.price) for m in desk.gateway.sent)  # type: ignore[union-attr]
+    states = {o.symbol: str(o.state) for o in desk.book.orders.values()}
     s = desk.stats
-    return records, sent, states, dict(s.orders_denied), s.intents, s.reviews_parked, len(desk.risk.recent_sends)
+    return history, sent, states, dict(s.orders_denied), s.intents, s.reviews_parked, len(desk.risk.recent_sends)
 
 
 def _clean(**over: Any) -> dict[str, Any]:
