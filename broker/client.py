@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -35,12 +36,22 @@ class Gateway(Protocol):
     def stop(self) -> None: ...
 
 
+# Messages from the broker handled per turn of the event loop: a burst of execution reports
+# (a batch's acks and fills) never holds up the next batch's orders by more than this many.
+REPORTS_PER_TURN = 32
+HOLD_POLL_S = 0.0005  # how often held messages look again whether they may go
+
+
 class _GatewayProtocol(ClosingProtocol):
     def __init__(self, client: GatewayClient) -> None:
         super().__init__()
         self._client = client
         self._reader = FrameReader(client.max_frame_bytes)
         self._transport: asyncio.Transport | None = None
+        self._backlog: deque[tuple[float, object]] = deque()  # (loop time read, message)
+        self._draining = False
+        self._paused = False
+        self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -49,15 +60,53 @@ class _GatewayProtocol(ClosingProtocol):
         self._client._attach(transport)
 
     def data_received(self, data: bytes) -> None:
+        backlog, now = self._backlog, self._loop.time()
         try:
             for obj in self._reader.feed(data):
-                self._client._dispatch(wire.decode(obj))
+                backlog.append((now, obj))
         except FrameError as exc:
             self._client.on_event("frame_error", str(exc))
             assert self._transport is not None
             self._transport.abort()
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Handle up to ``REPORTS_PER_TURN`` messages, in order; the rest on later turns, with
+        reading paused meanwhile so the backlog stays bounded. While the client's ``hold`` says
+        so, messages wait (each at most ``hold_s`` after it was read)."""
+        self._draining = False
+        backlog, client = self._backlog, self._client
+        if backlog and client.hold_s and client.hold() and self._loop.time() - backlog[0][0] < client.hold_s:
+            self._later(HOLD_POLL_S)
+            return
+        dispatch = client._dispatch
+        for _ in range(min(len(backlog), REPORTS_PER_TURN)):
+            dispatch(wire.decode(backlog.popleft()[1]))
+        if backlog:
+            self._later(0.0)
+        elif self._paused:
+            self._paused = False
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+
+    def _later(self, delay_s: float) -> None:
+        self._draining = True
+        if delay_s:
+            self._loop.call_later(delay_s, self._drain)
+        else:
+            self._loop.call_soon(self._drain)
+        transport = self._transport
+        if not self._paused and transport is not None and not transport.is_closing():
+            self._paused = True
+            transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Everything received is applied before the connection is known to be gone.
+        backlog, dispatch = self._backlog, self._client._dispatch
+        while backlog:
+            dispatch(wire.decode(backlog.popleft()[1]))
         self._client._detach()
         super().connection_lost(exc)
 
@@ -75,6 +124,8 @@ class GatewayClient:
         on_status: Callable[[wire.Status], None] = lambda _: None,
         backoff: Backoff,
         max_frame_bytes: int = 65536,
+        hold: Callable[[], bool] = lambda: False,
+        hold_s: float = 0.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -83,6 +134,8 @@ class GatewayClient:
         self.on_event = on_event
         self.backoff = backoff
         self.max_frame_bytes = max_frame_bytes
+        self.hold = hold  # messages from the broker wait while this says so (at most hold_s each)
+        self.hold_s = hold_s
         self._transport: asyncio.Transport | None = None
         self._packer = msgpack.Packer()
         self._corked: list[bytes] | None = None  # writes held by cork()

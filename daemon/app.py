@@ -181,6 +181,8 @@ class Daemon:
                 on_status=on_broker_status,
                 backoff=backoff,
                 max_frame_bytes=b.max_frame_bytes,
+                hold=runtime.trading_a_minute,
+                hold_s=b.report_hold_ms / 1000,
             )
         else:
             from broker.fix import FixGatewayClient  # noqa: PLC0415

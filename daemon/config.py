@@ -210,6 +210,11 @@ class BrokerConfig(_Section, frozen=True):
     reconnect_initial_ms: Millis = 50
     reconnect_max_ms: Millis = 5000
     connect_timeout_ms: Annotated[int, msgspec.Meta(ge=10, le=600_000)] = 2000  # as feed.connect_timeout_ms
+    # While a minute is being traded (a batch in inference or bars waiting for one), execution
+    # reports wait, at most this long after they were read, so a batch's acks and fills do not
+    # hold up the next batch's orders. Safe to wait: a fill moves working quantity into the
+    # position, so the exposure the gates check is the same either way. 0: never wait.
+    report_hold_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 20
     fix: FixConfig = FixConfig()
 
 

@@ -150,9 +150,22 @@ def _intents(
     side = np.where(delta > 0, 1, -1)
     offset = c.limit_offset_bps / 10_000.0
     raw = np.where(side > 0, close[rows] * (1.0 + offset), close[rows] * (1.0 - offset))
-    price = [round(x, 2) for x in raw.tolist()]
-    keep = np.array([p > 0.0 for p in price], dtype=bool)
+    rounded = cents(raw)
+    keep = rounded > 0.0
     if not keep.all():
-        rows, delta, side = rows[keep], delta[keep], side[keep]
-        price = [p for p, k in zip(price, keep.tolist(), strict=True) if k]
-    return Intents(rows, side, np.abs(delta), price, exposure[rows] + delta)
+        rows, delta, side, rounded = rows[keep], delta[keep], side[keep], rounded[keep]
+    return Intents(rows, side, np.abs(delta), rounded.tolist(), exposure[rows] + delta)
+
+
+def cents(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``round(v, 2)`` of each value, exactly as Python rounds it. Away from a tie, ``rint(100 v)
+    / 100`` is the same double (the division is correctly rounded); where ``100 v`` lies within
+    its rounding error of a half cent, Python's ``round`` decides."""
+    with np.errstate(all="ignore"):
+        scaled = x * 100.0
+        out: npt.NDArray[np.float64] = np.rint(scaled) / 100.0
+        near = np.abs(scaled - np.floor(scaled) - 0.5) <= np.maximum(np.abs(scaled) * 1e-15, 1e-12)
+        near |= ~np.isfinite(scaled) | (np.abs(scaled) >= 2.0**52)
+    for k in np.flatnonzero(near).tolist():
+        out[k] = round(float(x[k]), 2)
+    return out

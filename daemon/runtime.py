@@ -539,6 +539,10 @@ class Runtime:
         self._drain = True
         self._flush()
 
+    def trading_a_minute(self) -> bool:
+        """A batch is in inference or bars wait for one: the minute's orders are still being made."""
+        return self._inflight is not None or bool(len(self.batcher))
+
     def _check_idle(self) -> None:
         if self._inflight is None and not len(self.batcher):
             self.idle_event.set()

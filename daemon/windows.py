@@ -45,7 +45,10 @@ class FeatureWindows:
         self.window = window
         self.index: dict[str, int] = {s: i for i, s in enumerate(symbols)}
         self.buf = np.zeros((n, window, f), dtype=np.float32)
-        self._flat = self.buf.reshape(n * window, f)
+        # The same rows normalised (the manifest's z-score and clip), made once per bar, so a
+        # batch's gather is one copy.
+        self._norm = np.empty((n, window, f), dtype=np.float32)
+        self._flat = self._norm.reshape(n * window, f)
         self._head = np.zeros(n, dtype=np.int64)  # next row to write, per symbol
         self._offsets = np.arange(window, dtype=np.int64)
         # Per symbol, as arrays so a whole minute is taken at once (``push_many``).
@@ -58,6 +61,7 @@ class FeatureWindows:
         self._mean = np.array([x.norm.mean for x in features], dtype=np.float32)
         self._inv_std = np.array([1.0 / x.norm.std for x in features], dtype=np.float32)
         self._clip = np.array([x.norm.clip for x in features], dtype=np.float32)
+        self._norm[:] = self._normalised(self.buf[0, 0] if n else np.zeros(f, dtype=np.float32))
 
     def push(
         self,
@@ -82,6 +86,7 @@ class FeatureWindows:
             return Push.NON_FINITE
         head = int(self._head[i])
         self.buf[i, head] = row
+        self._norm[i, head] = self._normalised(self.buf[i, head])
         self._head[i] = (head + 1) % self.window
         self.count[i] += 1
         self.last_ts[i] = ts
@@ -110,12 +115,18 @@ class FeatureWindows:
         add = codes == 0
         at = idx[add]
         head = self._head[at]
-        self.buf[at, head] = rows[add]
+        added = rows[add]
+        self.buf[at, head] = added
+        self._norm[at, head] = self._normalised(added)
         self._head[at] = (head + 1) % self.window
         self.count[at] += 1
         self.last_ts[at] = ts[add]
         self.last_close[at] = c[add]
         return codes
+
+    def _normalised(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        out: npt.NDArray[np.float32] = np.clip((rows - self._mean) * self._inv_std, -self._clip, self._clip)
+        return out
 
     def full(self, i: int) -> bool:
         return bool(self.count[i] >= self.window)
@@ -123,6 +134,7 @@ class FeatureWindows:
     def reset(self, i: int) -> None:
         """Forget symbol ``i``'s bars: it warms up again from its next bar."""
         self.buf[i] = 0.0
+        self._norm[i] = self._normalised(self.buf[i, 0])
         self._head[i] = 0
         self.count[i] = 0
         self.last_ts[i] = -(1 << 63)
@@ -154,9 +166,6 @@ class FeatureWindows:
         rows = (symbols[:, None] * w + (self._head[symbols][:, None] + self._offsets) % w).ravel()
         flat_out = out.reshape(n * w, out.shape[2])
         np.take(self._flat, rows, axis=0, out=flat_out)
-        flat_out -= self._mean
-        flat_out *= self._inv_std
-        np.clip(flat_out, -self._clip, self._clip, out=flat_out)
 
     def window_of(self, i: int) -> npt.NDArray[np.float32]:
         """A normalised copy of one symbol's window (for tools and tests, not the hot path)."""
@@ -191,6 +200,7 @@ class FeatureWindows:
             if i is None:
                 continue
             self.buf[i] = buf[j]
+            self._norm[i] = self._normalised(buf[j])
             self._head[i] = head[j]
             self.count[i] = state.count[j]
             self.last_ts[i] = state.last_ts[j]

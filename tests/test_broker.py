@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import msgpack
@@ -10,7 +11,7 @@ import pytest
 
 from broker import protocol as wire
 from broker import records as rec
-from broker.client import GatewayClient
+from broker.client import REPORTS_PER_TURN, GatewayClient
 from broker.errors import IllegalTransitionError, JournalError
 from broker.orders import Order, OrderBook, OrderState, Refusal
 from broker.reconnect import Backoff
@@ -276,3 +277,123 @@ def test_book_keeps_only_the_most_recent_final_orders() -> None:
     assert list(book.orders) == ["O2", "O3", "O4", "O5"]  # three final, one working
     assert book.positions["AAA"] == 5
     assert _code(book.apply(_report(orders[0], wire.ExecStatus.FILLED, 1, 1))) == "unknown_order"
+
+
+async def test_gateway_when_a_burst_of_reports_arrives_handles_it_over_several_turns_in_order_and_loses_none(
+    tmp_path: Path,
+) -> None:
+    """A batch's acks and fills arrive in one read; they are applied a few per turn of the loop
+    (so the next batch's orders are not held up behind them), in order, every one of them, even
+    when the broker hangs up right after a second burst."""
+    n = 500
+
+    def burst(first: int) -> bytes:
+        return b"".join(
+            msgpack.packb(
+                wire.encode(
+                    wire.ExecReport(f"O{k}", f"E{k}", wire.ExecStatus.NEW, "AAA", wire.Side.BUY, 0, 0.0, 0, 1, 0)
+                )
+            )
+            for k in range(first, first + n)
+        )
+
+    first_applied = asyncio.Event()
+
+    async def two_bursts_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(burst(0))
+        await writer.drain()
+        await first_applied.wait()
+        writer.write(burst(n))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(two_bursts_then_hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reports: list[wire.ExecReport] = []
+    events: list[tuple[str, int]] = []
+    turns: list[int] = []
+    client = GatewayClient(
+        "127.0.0.1",
+        port,
+        on_report=reports.append,
+        on_event=lambda kind, _detail: events.append((kind, len(reports))),
+        backoff=Backoff(5.0, 5.0),
+    )
+
+    async def count_turns() -> None:
+        while len(reports) < n:
+            turns.append(len(reports))
+            await asyncio.sleep(0)
+        first_applied.set()
+
+    task = asyncio.create_task(client.run())
+    counter = asyncio.create_task(count_turns())
+    await wait_for(lambda: any(kind == "disconnected" for kind, _ in events), what="the hang-up")
+    client.stop()
+    await task
+    await counter
+    server.close()
+    assert [r.cl_ord_id for r in reports] == [f"O{k}" for k in range(2 * n)]
+    assert ("disconnected", 2 * n) in events  # the second burst applied whole before the hang-up is known
+    steps = [b - a for a, b in itertools.pairwise(turns) if b > a]
+    assert len(steps) >= n // REPORTS_PER_TURN and max(steps) <= REPORTS_PER_TURN
+
+
+async def test_gateway_holds_reports_while_told_to_but_never_past_the_bound(tmp_path: Path) -> None:
+    """Reports wait while the daemon trades a minute (``hold``), each at most ``hold_s`` after it
+    was read; once the hold ends they are applied at once."""
+    frames = b"".join(
+        msgpack.packb(
+            wire.encode(wire.ExecReport(f"O{k}", f"E{k}", wire.ExecStatus.NEW, "AAA", wire.Side.BUY, 0, 0.0, 0, 1, 0))
+        )
+        for k in range(3)
+    )
+    sent = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(frames)
+        await writer.drain()
+        sent.set()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    holding = [True]
+    reports: list[wire.ExecReport] = []
+
+    def client_with(hold_s: float) -> GatewayClient:
+        return GatewayClient(
+            "127.0.0.1",
+            port,
+            on_report=reports.append,
+            on_event=lambda k, d: None,
+            backoff=Backoff(5.0, 5.0),
+            hold=lambda: holding[0],
+            hold_s=hold_s,
+        )
+
+    # Held, then released by the daemon: applied as soon as the hold ends.
+    client = client_with(10.0)
+    task = asyncio.create_task(client.run())
+    await sent.wait()
+    await asyncio.sleep(0.1)
+    assert reports == []
+    holding[0] = False
+    await wait_for(lambda: len(reports) == 3, what="the held reports, once released")
+    client.stop()
+    await task
+
+    # Held for ever by the daemon: applied anyway once the bound has passed.
+    reports.clear()
+    sent.clear()
+    holding[0] = True
+    client = client_with(0.05)
+    task = asyncio.create_task(client.run())
+    await sent.wait()
+    t0 = asyncio.get_running_loop().time()
+    await wait_for(lambda: len(reports) == 3, what="the reports, after the bound")
+    assert asyncio.get_running_loop().time() - t0 >= 0.03
+    client.stop()
+    await task
+    server.close()
