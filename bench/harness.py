@@ -341,6 +341,9 @@ level = "error"
     try:
         await asyncio.wait_for(driver.connected.wait(), timeout=120)
         await driver.done.wait()
+        # The last minute is still being traded: an admin status (its summaries over every
+        # order) is not asked for until it has had two periods.
+        await asyncio.sleep(2 * driver.period_ns / NS)
         deadline = time.monotonic() + 120
         status = None
         while time.monotonic() < deadline:

@@ -154,28 +154,83 @@ def check_report(order: Order, report: ExecReport) -> Refusal | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class SentColumns:
+    """Orders written to the broker together, as columns: order k's id is
+    ``f"{prefix}-{first + k}"``; sides are +1 buy / -1 sell."""
+
+    prefix: str
+    first: int
+    symbols: list[str]
+    idx: npt.NDArray[np.int64]  # universe index of each symbol
+    side: npt.NDArray[np.int8]
+    qty: npt.NDArray[np.int64]
+    price: npt.NDArray[np.float64]
+    ts_event: npt.NDArray[np.int64]
+    ts_recv: npt.NDArray[np.int64]
+    ts_ready: npt.NDArray[np.int64]
+    ts_send: int
+
+    def orders(self) -> list[Order]:
+        """One ``Order`` each, in state SENT."""
+        prefix, first, ts_send, sent = self.prefix, self.first, self.ts_send, OrderState.SENT
+        buy, sell = Side.BUY, Side.SELL
+        return [
+            Order(
+                f"{prefix}-{first + k}",
+                symbol,
+                buy if side > 0 else sell,
+                qty,
+                price,
+                ts_event,
+                ts_recv,
+                sent,
+                ts_send=ts_send,
+                ts_ready=ts_ready,
+            )
+            for k, (symbol, side, qty, price, ts_event, ts_recv, ts_ready) in enumerate(
+                zip(
+                    self.symbols,
+                    self.side.tolist(),
+                    self.qty.tolist(),
+                    self.price.tolist(),
+                    self.ts_event.tolist(),
+                    self.ts_recv.tolist(),
+                    self.ts_ready.tolist(),
+                    strict=True,
+                )
+            )
+        ]
+
+
 class OrderBook:
     """Orders by client id, with the positions their fills have made.
 
     ``positions`` and ``open_qty`` are ``Ledger``s: once ``index`` (the universe) is given, their
     sum per symbol (the exposure) is also kept as an array by universe index, for the batch
-    gates. Assigning a whole new mapping to either keeps that array right."""
+    gates. Assigning a whole new mapping to either keeps that array right.
+
+    A batch's orders written together (``add_sent_columns``) count in that array at once, and
+    become ``Order``s in the dicts when anything next reads them (``orders``, ``working``,
+    ``positions``, ``open_qty``, a report): the work of booking them is done after the minute's
+    orders are out, not between two batches of it."""
 
     __slots__ = (
         "_final",
         "_index",
         "_open_qty",
+        "_orders",
         "_positions",
+        "_unbooked",
+        "_working",
         "exposure_totals",
         "last_fill_px",
-        "orders",
         "retain_final",
-        "working",
     )
 
     def __init__(self, retain_final: int = 10_000) -> None:
-        self.orders: dict[str, Order] = {}
-        self.working: dict[str, Order] = {}  # sent and not yet final
+        self._orders: dict[str, Order] = {}
+        self._working: dict[str, Order] = {}  # sent and not yet final
         self.last_fill_px: dict[str, float] = {}
         # Final orders are kept for late reports and operators, the most recent ``retain_final``
         # of them: a daemon that runs for months must not grow with every order it ever sent.
@@ -185,27 +240,51 @@ class OrderBook:
         self._open_qty = Ledger()
         self.exposure_totals: npt.NDArray[np.int64] | None = None
         self._index: Mapping[str, int] | None = None
+        self._unbooked: list[SentColumns] = []
+
+    @property
+    def orders(self) -> dict[str, Order]:
+        if self._unbooked:
+            self.book_sent()
+        return self._orders
+
+    @property
+    def working(self) -> dict[str, Order]:
+        if self._unbooked:
+            self.book_sent()
+        return self._working
 
     @property
     def positions(self) -> Ledger:
+        if self._unbooked:
+            self.book_sent()
         return self._positions
 
     @positions.setter
     def positions(self, value: Mapping[str, int]) -> None:
+        self.book_sent()
         self._positions = Ledger(value)
         self._relink()
 
     @property
     def open_qty(self) -> Ledger:
+        if self._unbooked:
+            self.book_sent()
         return self._open_qty
 
     @open_qty.setter
     def open_qty(self, value: Mapping[str, int]) -> None:
+        self.book_sent()
         self._open_qty = Ledger(value)
         self._relink()
 
+    def outside_symbols(self) -> set[str]:
+        """Symbols held or working outside the index (orders written together never are)."""
+        return self._positions.outside | self._open_qty.outside
+
     def index_by(self, index: Mapping[str, int]) -> None:
         """Keep the exposure of the symbols of ``index`` as an array (``exposure_totals``)."""
+        self.book_sent()
         self._index = index
         self._relink()
 
@@ -217,7 +296,7 @@ class OrderBook:
             self.exposure_totals = totals
 
     def add(self, order: Order) -> None:
-        self.orders[order.cl_ord_id] = order
+        self._orders[order.cl_ord_id] = order
 
     def exposure(self, symbol: str) -> int:
         """Position plus the signed quantity still working at the broker."""
@@ -226,26 +305,43 @@ class OrderBook:
     def mark_sent(self, order: Order, ts_send: int) -> None:
         order.move(OrderState.SENT)
         order.ts_send = ts_send
-        self.open_qty[order.symbol] = self.open_qty.get(order.symbol, 0) + order.signed_open_qty
-        self.working[order.cl_ord_id] = order
+        self._open_qty[order.symbol] = self._open_qty.get(order.symbol, 0) + order.signed_open_qty
+        self._working[order.cl_ord_id] = order
 
-    def add_sent(self, orders: list[Order], ts_send: int) -> None:
-        """New orders written to the broker together (``add`` then ``mark_sent`` for each)."""
-        book, working, open_qty = self.orders, self.working, self._open_qty
-        sent = OrderState.SENT
-        for order in orders:
-            if order.state is not OrderState.INTENT:
-                raise IllegalTransitionError(order.cl_ord_id, order.state, sent)
-            order.state = sent
-            order.ts_send = ts_send
-            book[order.cl_ord_id] = order
-            working[order.cl_ord_id] = order
-            symbol = order.symbol
-            open_qty[symbol] = open_qty.get(symbol, 0) + (order.qty if order.side is Side.BUY else -order.qty)
+    def add_sent_columns(self, sent: SentColumns) -> None:
+        """New orders written to the broker together (``add`` then ``mark_sent`` for each, over
+        arrays): their working quantity counts in ``exposure_totals`` now; they are booked as
+        ``Order``s when next read."""
+        if not len(sent.symbols):
+            return
+        totals = self.exposure_totals
+        if totals is None:
+            self._unbooked.append(sent)
+            self.book_sent()
+            return
+        totals[sent.idx] += np.where(sent.side > 0, sent.qty, -sent.qty)  # distinct symbols
+        self._unbooked.append(sent)
+
+    def book_sent(self) -> None:
+        """Book the orders written together since the last call as ``Order``s."""
+        unbooked, self._unbooked = self._unbooked, []
+        counted = self.exposure_totals is not None
+        book, working, open_qty = self._orders, self._working, self._open_qty
+        set_open = dict.__setitem__ if counted else Ledger.__setitem__  # the array has them already
+        for sent in unbooked:
+            for order in sent.orders():
+                book[order.cl_ord_id] = order
+                working[order.cl_ord_id] = order
+                symbol = order.symbol
+                set_open(
+                    open_qty, symbol, open_qty.get(symbol, 0) + (order.qty if order.side is Side.BUY else -order.qty)
+                )
 
     def apply(self, report: ExecReport) -> Refusal | None:
         """Apply a report once; returns None, or why it was not applied (nothing changed then)."""
-        order = self.orders.get(report.cl_ord_id)
+        if self._unbooked:
+            self.book_sent()
+        order = self._orders.get(report.cl_ord_id)
         if order is None:
             return Refusal(UNKNOWN, f"no order {report.cl_ord_id!r}")
         refusal = check_report(order, report)
@@ -257,7 +353,7 @@ class OrderBook:
             order.exec_ids.add(report.exec_id)
         if fill:
             signed = fill if order.side is Side.BUY else -fill
-            self.positions[order.symbol] = self.positions.get(order.symbol, 0) + signed
+            self._positions[order.symbol] = self._positions.get(order.symbol, 0) + signed
             order.filled_qty = report.cum_qty
             order.notional_filled += fill * report.last_px
             self.last_fill_px[order.symbol] = report.last_px
@@ -265,7 +361,7 @@ class OrderBook:
         order.move(target)
         if target is OrderState.REJECTED:
             order.reject_text = report.text
-        self.open_qty[order.symbol] = self.open_qty.get(order.symbol, 0) - before + order.signed_open_qty
+        self._open_qty[order.symbol] = self._open_qty.get(order.symbol, 0) - before + order.signed_open_qty
         if target in FINAL:
             self._retire(order)
         return None
@@ -276,7 +372,7 @@ class OrderBook:
         self._retire(order)
 
     def _retire(self, order: Order) -> None:
-        self.working.pop(order.cl_ord_id, None)
+        self._working.pop(order.cl_ord_id, None)
         self._final.append(order.cl_ord_id)
         while len(self._final) > self.retain_final:
-            self.orders.pop(self._final.popleft(), None)
+            self._orders.pop(self._final.popleft(), None)

@@ -67,7 +67,7 @@ class OrderDesk:
             stats,
             on_inconsistent=self._inconsistent,
             on_sent=self.risk.remember_send,
-            on_block_sent=self.risk.remember_same,
+            on_block_sent=self.risk.remember_same_columns,
             universe=frozenset(self.symbols),
         )
         self.book.index_by(windows.index)

@@ -28,7 +28,7 @@ from broker.bulk import NewOrders
 from broker.client import Gateway
 from broker.crashpoints import CRASH
 from broker.journal import Journal
-from broker.orders import FINAL, Order, OrderBook, OrderState, Refusal
+from broker.orders import FINAL, Order, OrderBook, OrderState, Refusal, SentColumns
 from daemon.batcher import BatchTiming
 from daemon.clock import Clock
 from daemon.stats import Stats
@@ -82,7 +82,7 @@ class OrderManager:
         *,
         on_inconsistent: Callable[[str, str], None] = lambda symbol, detail: None,
         on_sent: Callable[[Order, int], None] = lambda order, wall: None,
-        on_block_sent: Callable[[list[Order], int], None] = lambda orders, wall: None,
+        on_block_sent: Callable[[list[str], Any, Any, Any, int], None] = lambda symbols, side, qty, price, wall: None,
         universe: frozenset[str] | None = None,
     ) -> None:
         self.clock = clock
@@ -286,41 +286,49 @@ class OrderManager:
         return len(orders)
 
     def _booked(self, block: OrderBlock, k: int, ts_send: int) -> None:
-        """The block's orders into the book: the first ``k`` sent, the rest closed as never
-        sent (journaled), as ``_write`` closes an order the gateway could not write."""
+        """The block's orders into the book: the first ``k`` sent (booked as columns, made
+        ``Order``s when next read), the rest closed as never sent (journaled), as ``_write``
+        closes an order the gateway could not write."""
         o = block.orders
-        book = self.book
-        ids = o.ids()
-        sides = [wire.Side.BUY if x > 0 else wire.Side.SELL for x in o.side.tolist()]
-        made = [
-            Order(cl_ord_id, symbol, side, qty, price, ts_event, ts_recv, ts_ready=ts_ready)
-            for cl_ord_id, symbol, side, qty, price, ts_event, ts_recv, ts_ready in zip(
-                ids,
-                block.symbols,
-                sides,
-                o.qty.tolist(),
-                o.price.tolist(),
-                block.ts_event.tolist(),
-                block.ts_recv.tolist(),
-                block.ts_ready.tolist(),
-                strict=True,
-            )
-        ]
-        book.add_sent(made[:k], ts_send)
-        self.stats.orders_sent += k
         if k:
-            self.on_block_sent(made[:k], o.ts)
-        if k == len(made):
+            self.book.add_sent_columns(
+                SentColumns(
+                    o.prefix,
+                    o.first,
+                    block.symbols[:k],
+                    o.idx[:k],
+                    o.side[:k],
+                    o.qty[:k],
+                    o.price[:k],
+                    block.ts_event[:k],
+                    block.ts_recv[:k],
+                    block.ts_ready[:k],
+                    ts_send,
+                )
+            )
+            self.stats.orders_sent += k
+            self.on_block_sent(block.symbols[:k], o.side[:k], o.qty[:k], o.price[:k], o.ts)
+        if k == len(block):
             return
         detail = "the gateway could not write it (disconnected)"
         wall = self.clock.wall_ns()
-        for order in made[k:]:
-            book.add(order)
+        first_failed = f"{o.prefix}-{o.first + k}"
+        for j in range(k, len(block)):
+            order = Order(
+                f"{o.prefix}-{o.first + j}",
+                block.symbols[j],
+                wire.Side.BUY if o.side[j] > 0 else wire.Side.SELL,
+                int(o.qty[j]),
+                float(o.price[j]),
+                int(block.ts_event[j]),
+                int(block.ts_recv[j]),
+            )
+            self.book.add(order)
             self.journal.append(rec.Abandoned(ts=wall, id=order.cl_ord_id, detail=detail))
-            book.deny(order)
+            self.book.deny(order)
             self.stats.sends_failed += 1
             self.stats.orders_denied["send_failed"] += 1
-        log.error("orders_not_sent", orders=len(made) - k, first_id=made[k].cl_ord_id, detail=detail)
+        log.error("orders_not_sent", orders=len(block) - k, first_id=first_failed, detail=detail)
 
     def _write(self, outbox: list[tuple[Order, dict[str, Any]]]) -> list[tuple[Order, dict[str, Any]]]:
         """Hand each order to the gateway; one it cannot write is closed as never sent."""

@@ -132,7 +132,7 @@ class RiskEngine:
         total = float(np.abs(totals[at]).astype(np.float64) @ prices)
         # Held with no bar since a restart (priced by the last fill), or outside the universe.
         rest = [self.windows.symbols[i] for i in held[~priced].tolist()]
-        rest += book.positions.outside | book.open_qty.outside
+        rest += book.outside_symbols()
         return self._gross_of(book, rest, total)
 
     def _gross_of(self, book: OrderBook, symbols: Iterable[str], total: float) -> Gross:
@@ -271,6 +271,27 @@ class RiskEngine:
         last_same = self._last_same
         for order in orders:
             key = (order.symbol, order.side, order.qty, order.price)
+            last_same.pop(key, None)
+            last_same[key] = wall
+        if len(last_same) > 4 * len(self.windows.symbols) + 1024:
+            self._forget_same(wall)
+
+    def remember_same_columns(
+        self,
+        symbols: list[str],
+        side: npt.NDArray[np.int8],
+        qty: npt.NDArray[np.int64],
+        price: npt.NDArray[np.float64],
+        wall: int,
+    ) -> None:
+        """``remember_same`` for orders sent together, as columns (nothing to remember when
+        the duplicate window is off)."""
+        if self.limits.duplicate_window_ns <= 0:
+            return
+        last_same = self._last_same
+        for key in zip(
+            symbols, ["buy" if x > 0 else "sell" for x in side.tolist()], qty.tolist(), price.tolist(), strict=True
+        ):
             last_same.pop(key, None)
             last_same[key] = wall
         if len(last_same) > 4 * len(self.windows.symbols) + 1024:
