@@ -122,8 +122,14 @@ class Runtime:
         # so a restart rebuilds the windows from the snapshot plus these.
         self._bars: list[tuple[str, int, float, float, float, float, float, float]] = []
         # Whole minutes taken by ``on_bars``, in arrival order with the scalar bars before them.
+        # Each: names (object array), ts, the five OHLCV columns, prev close; stacked at the flush.
         self._bar_chunks: list[
-            tuple[list[str], npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
+            tuple[
+                npt.NDArray[np.object_],
+                npt.NDArray[np.int64],
+                tuple[npt.NDArray[np.float64], ...],
+                npt.NDArray[np.float64],
+            ]
         ] = []
         self._names = np.asarray(self.symbols, dtype=object)
         self._max_gap_ns = int(config.journal.window_max_gap_s * 1e9)
@@ -196,9 +202,9 @@ class Runtime:
         symbols, ts, o, h, lo, c, v, prev = zip(*bars, strict=True)
         self._bar_chunks.append(
             (
-                list(symbols),
+                np.array(symbols, dtype=object),
                 np.array(ts, dtype=np.int64),
-                np.array([o, h, lo, c, v], dtype=np.float64).T,
+                tuple(np.array(x, dtype=np.float64) for x in (o, h, lo, c, v)),
                 np.array(prev, dtype=np.float64),
             )
         )
@@ -213,12 +219,14 @@ class Runtime:
             return
         self._bar_chunks = []
         if len(chunks) == 1:
-            symbols, ts, ohlcv, prev = chunks[0]
+            names, ts, columns, prev = chunks[0]
         else:
-            symbols = [name for chunk in chunks for name in chunk[0]]
+            names = np.concatenate([chunk[0] for chunk in chunks])
             ts = np.concatenate([chunk[1] for chunk in chunks])
-            ohlcv = np.concatenate([chunk[2] for chunk in chunks])
+            columns = tuple(np.concatenate([chunk[2][k] for chunk in chunks]) for k in range(5))
             prev = np.concatenate([chunk[3] for chunk in chunks])
+        symbols: list[str] = names.tolist()
+        ohlcv = np.stack(columns, axis=1)
         self.journal.append(
             rec.Bars(
                 ts=self.clock.wall_ns(),
@@ -275,12 +283,12 @@ class Runtime:
             self._feed_ts = top
         if self._bars:
             self._chunk_scalar_bars()
-        self._bar_chunks.append((self._names[candidates].tolist(), ts, np.stack((o, h, lo, c, v), axis=1), prev))
+        self._bar_chunks.append((self._names[candidates], ts, (o, h, lo, c, v), prev))
         s.bars_accepted += k
         s.accuracy.next_close_many(candidates, c)
         self.desk.on_bars(candidates, ts, o, c, prev)
         ready = self.clock.mono_ns()
-        s.feed_wait.record_many(np.full(k, ready - ts_recv, dtype=np.int64))
+        s.feed_wait.record_repeated(ready - ts_recv, k)
         full = self.windows.count[candidates] >= self.windows.window
         s.bars_warmup += k - int(full.sum())
         go = candidates[full]

@@ -66,6 +66,24 @@ class LatencyRecorder:
         self.sum_ns += ns
         self.max_ns = max(self.max_ns, ns)
 
+    def record_repeated(self, ns: int, n: int) -> None:
+        """``record(ns)`` ``n`` times (the bars of one read, all ready at once)."""
+        if n <= 0:
+            return
+        self.buckets[bisect.bisect_left(self.bounds_ns, ns)] += n
+        cap = len(self._samples)
+        start = self.count % cap
+        if n >= cap:
+            self._samples[:] = ns
+        elif start + n <= cap:
+            self._samples[start : start + n] = ns
+        else:
+            self._samples[start:] = ns
+            self._samples[: start + n - cap] = ns
+        self.count += n
+        self.sum_ns += ns * n
+        self.max_ns = max(self.max_ns, ns)
+
     def record_many(self, ns: npt.NDArray[np.int64]) -> None:
         """``record`` for each of ``ns`` (a minute's bars at once)."""
         n = len(ns)

@@ -109,7 +109,7 @@ class FeatureWindows:
         codes = np.zeros(len(idx), dtype=np.uint8)
         codes[ts <= self.last_ts[idx]] = 1
         known = self.count[idx] > 0
-        pc = np.where(known, self.last_close[idx], np.nan_to_num(prev_close, nan=0.0))
+        pc = np.where(known, self.last_close[idx], np.where(np.isnan(prev_close), 0.0, prev_close))
         rows = feature_columns(self.feature_names, o, h, lo, c, v, pc)
         codes[(codes == 0) & ~np.isfinite(rows.sum(axis=1))] = 2
         add = codes == 0

@@ -100,19 +100,33 @@ def feature_columns(
 ) -> FloatArray:
     """The vector form: one row of features per bar, each with its own previous close ``pc``
     (0 where there is none, making the return 0 as the scalar form does) -> [n, F] float32."""
+    n = len(c)
     with np.errstate(all="ignore"):  # as the scalar form: inf or nan where a log is undefined
+        # Five of the six are logs of ratios: one division and one log over a [5, n] array.
+        num = np.empty((5, n), dtype=np.float64)
+        den = np.empty((5, n), dtype=np.float64)
+        has_prev = pc > 0.0
+        num[0], den[0] = c, np.where(has_prev, pc, 1.0)
+        num[1], den[1] = h, lo
+        num[2], den[2] = c, o
+        num[3] = h
+        np.maximum(o, c, out=den[3])
+        np.minimum(o, c, out=num[4])
+        den[4] = lo
+        logs = np.log(num / den)
+        logs[0][~has_prev] = 0.0
         cols = {
-            "log_return": np.where(pc > 0.0, np.log(c / np.where(pc > 0.0, pc, 1.0)), 0.0),
-            "log_range": np.log(h / lo),
-            "log_body": np.log(c / o),
-            "upper_wick": np.log(h / (np.maximum(o, c) + 0.0)),
-            "lower_wick": np.log((np.minimum(o, c) + 0.0) / lo),
+            "log_return": logs[0],
+            "log_range": logs[1],
+            "log_body": logs[2],
+            "upper_wick": logs[3],
+            "lower_wick": logs[4],
             "log_volume": np.log1p(v),
         }
-    unknown = [n for n in names if n not in cols]
+    unknown = [name for name in names if name not in cols]
     if unknown:
         raise KeyError(f"unknown features {unknown}; known: {sorted(cols)}")
-    out = np.empty((len(c), len(names)), dtype=np.float32)
+    out = np.empty((n, len(names)), dtype=np.float32)
     for k, name in enumerate(names):
         out[:, k] = cols[name]
     return out

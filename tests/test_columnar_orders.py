@@ -329,3 +329,22 @@ def test_the_journal_tool_tells_a_block_order_by_order(tmp_path: Path) -> None:
     one = subprocess.run([*run, "--symbol", "BRK.B"], capture_output=True, text=True, timeout=60, check=True)
     (line,) = [json.loads(x) for x in one.stdout.splitlines() if '"orders"' in x]
     assert line["symbol"] == "BRK.B" and line["side"] in ("buy", "sell") and line["qty"] > 0
+
+
+def test_orders_written_together_are_in_the_book_for_whatever_reads_it_next(tmp_path: Path) -> None:
+    """They are booked as Order objects lazily, but nothing can miss them: a kill switch cancels
+    them, a report for one applies, and the exposure array already counted them."""
+    desk, journal = _desk(tmp_path)
+    broker = Broker(journal.path)
+    desk.gateway = broker  # type: ignore[assignment]
+    _signals(desk)
+    totals = desk.book.exposure_totals
+    assert totals is not None and int(np.abs(totals).sum()) > 0  # counted before any booking
+    first = broker.sent[0]
+    fill = wire.ExecReport(
+        first.cl_ord_id, "F1", wire.ExecStatus.FILLED, first.symbol, first.side, first.qty, first.price, first.qty, 0, 0
+    )
+    desk.on_report(fill)
+    assert desk.book.orders[first.cl_ord_id].state is OrderState.FILLED
+    assert desk.kill_switch(uid=0) == len(SYMBOLS) - 1  # every other one was working
+    assert totals.tolist() == [desk.book.exposure(s) for s in SYMBOLS]

@@ -73,21 +73,14 @@ def bounds_codes(
     prev = cols.prev_close
     with np.errstate(invalid="ignore"):
         prev_out = ~np.isnan(prev) & ~((prev >= lo) & (prev <= hi))
-    conditions = [
-        (cols.low < lo) | (cols.high > hi) | prev_out,
-        cols.volume > bounds.max_volume,
-        cols.ts > wall_ns + bounds.max_future_ns,
-        np.zeros(len(cols), dtype=bool) if feed_ns is None else cols.ts > feed_ns + bounds.max_ahead_ns,
-        cols.idx < 0,
-    ]
-    reasons = (
-        RejectReason.PRICE_OUT_OF_RANGE,
-        RejectReason.VOLUME_OUT_OF_RANGE,
-        RejectReason.FUTURE_TS,
-        RejectReason.AHEAD_OF_FEED,
-        RejectReason.UNKNOWN_SYMBOL,
-    )
-    found = np.select(conditions, [CODE[r] for r in reasons], 0).astype(np.uint8)
+    # The first rule a bar breaks names it: written last rule first, so an earlier one overwrites.
+    found = np.zeros(len(cols), dtype=np.uint8)
+    found[cols.idx < 0] = CODE[RejectReason.UNKNOWN_SYMBOL]
+    if feed_ns is not None:
+        found[cols.ts > feed_ns + bounds.max_ahead_ns] = CODE[RejectReason.AHEAD_OF_FEED]
+    found[cols.ts > wall_ns + bounds.max_future_ns] = CODE[RejectReason.FUTURE_TS]
+    found[cols.volume > bounds.max_volume] = CODE[RejectReason.VOLUME_OUT_OF_RANGE]
+    found[(cols.low < lo) | (cols.high > hi) | prev_out] = CODE[RejectReason.PRICE_OUT_OF_RANGE]
     np.copyto(codes, found, where=codes == 0)
 
 
