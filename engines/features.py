@@ -109,9 +109,10 @@ def feature_columns(
         num[0], den[0] = c, np.where(has_prev, pc, 1.0)
         num[1], den[1] = h, lo
         num[2], den[2] = c, o
+        # Python's max(o, c) and min(o, c), NaN included: o unless c compares past it.
         num[3] = h
-        np.maximum(o, c, out=den[3])
-        np.minimum(o, c, out=num[4])
+        den[3] = np.where(c > o, c, o) + 0.0
+        num[4] = np.where(c < o, c, o) + 0.0
         den[4] = lo
         logs = np.log(num / den)
         logs[0][~has_prev] = 0.0
