@@ -32,6 +32,8 @@ class FrameReader:
         )
         self._fed = 0
         self._consumed = 0
+        self._raw = bytearray()  # bytes fed to ``feed_frames`` and not yet handed back
+        self._raw_at = 0  # their offset in the stream
 
     def feed(self, data: bytes) -> Iterator[object]:
         limit = self.max_frame_bytes
@@ -64,3 +66,50 @@ class FrameReader:
                     "oversized_frame",
                     f"a frame exceeds {limit} bytes ({self._fed - self._consumed} so far)",
                 )
+
+    def feed_frames(self, data: bytes) -> tuple[bytes, int, FrameError | None]:
+        """``feed`` without decoding: the complete frames ``data`` finishes, back to back, how
+        many, and the error that ends the stream there (None when it goes on); the frames
+        before an error are returned. Not to be mixed with ``feed`` on one reader."""
+        limit = self.max_frame_bytes
+        view = memoryview(data)
+        unpacker = self._unpacker
+        base = self._raw_at
+        self._raw += data
+        good = self._consumed
+        count = 0
+        error: FrameError | None = None
+        try:
+            for start in range(0, len(view), limit):
+                piece = view[start : start + limit]
+                try:
+                    unpacker.feed(piece)
+                except msgpack.BufferFull as exc:
+                    raise FrameError("oversized_frame", f"a frame exceeds {limit} bytes") from exc
+                self._fed += len(piece)
+                while True:
+                    try:
+                        unpacker.skip()
+                    except msgpack.OutOfData:
+                        break
+                    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                        detail = str(exc) or f"{type(exc).__name__}: invalid type byte"
+                        reason = "oversized_frame" if "exceeds max_" in detail else "not_msgpack"
+                        raise FrameError(reason, detail) from exc
+                    end = unpacker.tell()
+                    size, self._consumed = end - self._consumed, end
+                    if size > limit:
+                        raise FrameError("oversized_frame", f"a {size}-byte frame exceeds {limit} bytes")
+                    good = end
+                    count += 1
+                if self._fed - self._consumed > limit:
+                    raise FrameError(
+                        "oversized_frame",
+                        f"a frame exceeds {limit} bytes ({self._fed - self._consumed} so far)",
+                    )
+        except FrameError as exc:
+            error = exc
+        frames = bytes(self._raw[: good - base])
+        del self._raw[: self._consumed - base]
+        self._raw_at = self._consumed
+        return frames, count, error

@@ -17,10 +17,12 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol, cast
 
+import msgpack
+
 from broker.errors import FrameError
 from broker.framing import FrameReader
 from broker.reconnect import Backoff, ClosingProtocol, keep_connected
-from daemon.feed.protocol import Bar, Heartbeat, Message, MinuteEnd, Rejected, UnknownType, decode
+from daemon.feed.protocol import Bar, Heartbeat, Message, MinuteEnd, Rejected, UnknownType, decode, decode_frames
 
 _KINDS: dict[type, str] = {
     Bar: "bar",
@@ -97,9 +99,9 @@ class FeedProtocol(PausableFeed):
         self._transport: asyncio.Transport | None = None
         self._now_ns = now_ns
         self._paused = False
-        self._pending: Iterator[object] | None = None
+        self._pending: Iterator[list[Bar] | Message | FrameError] | None = None
         self._pending_ts = 0
-        self._held: Message | None = None  # decoded, not yet handed on when a pause came
+        self.reads_one_by_one = 0  # reads whose frames were decoded one by one (not all sound)
         # Chunks not yet handed on, each with ``ts_recv``: when its bytes were read from the
         # socket. Taken once per read and never again, so a bar held back while the feed is
         # paused, or behind another minute in the same read, carries the wait in its latency.
@@ -120,49 +122,65 @@ class FeedProtocol(PausableFeed):
         row are handed on as one group (the runtime takes a group at once); anything else one by
         one, each at a message boundary."""
         while not self._paused:
-            if self._held is not None:
-                message, self._held = self._held, None
-                self._dispatch(message, self._pending_ts)
-                continue
             if self._pending is None:
                 if not self._backlog:
                     return
                 data, self._pending_ts = self._backlog.popleft()
-                self._pending = self._reader.feed(data)
+                self._pending = iter(self._units(data))
             ts_recv = self._pending_ts
-            group: list[Bar] = []
-            try:
-                for obj in self._pending:
-                    try:
-                        message = decode(obj)
-                    except Exception as exc:  # a bug in the decoder: escalated, the stream goes on
-                        self._sink.on_internal_error(exc, "decode")
-                        continue
-                    if type(message) is Bar:
-                        group.append(message)
-                        continue
-                    if group:
-                        self._dispatch_bars(group, ts_recv)
-                        group = []
-                        if self._paused:
-                            self._held = message  # the rest of this chunk waits in the iterator
-                            return
-                    self._dispatch(message, ts_recv)
-                    if self._paused:
-                        return
-            except FrameError as exc:
-                if group:
-                    self._dispatch_bars(group, ts_recv)  # whole messages before the bad bytes count
-                self._pending = None
-                self._held = None
-                self._backlog.clear()
-                self._sink.on_frame_error(exc)
-                if self._transport is not None:
-                    self._transport.abort()
-                return
-            if group:
-                self._dispatch_bars(group, ts_recv)
+            for unit in self._pending:
+                if type(unit) is list:
+                    self._dispatch_bars(unit, ts_recv)
+                elif isinstance(unit, FrameError):
+                    self._pending = None
+                    self._backlog.clear()
+                    self._sink.on_frame_error(unit)
+                    if self._transport is not None:
+                        self._transport.abort()
+                    return
+                else:
+                    self._dispatch(cast(Message, unit), ts_recv)
+                if self._paused:
+                    return  # the rest of this read waits in the iterator
             self._pending = None
+
+    def _units(self, data: bytes) -> list[list[Bar] | Message | FrameError]:
+        """A read as what is handed on: runs of bars, other messages, and a frame error last if
+        the bytes stop making sense. Its complete frames are decoded at once when every one is
+        a sound bar, minute end or heartbeat, else one by one (for each one's reason)."""
+        frames, count, error = self._reader.feed_frames(data)
+        messages: list[Message] | list[Bar | MinuteEnd | Heartbeat] | None = (
+            decode_frames(frames, count) if count else []
+        )
+        if messages is None:
+            self.reads_one_by_one += 1
+            messages = self._one_by_one(frames)
+        units: list[list[Bar] | Message | FrameError] = []
+        group: list[Bar] = []
+        for message in messages:
+            if type(message) is Bar:
+                group.append(message)
+                continue
+            if group:
+                units.append(group)
+                group = []
+            units.append(message)
+        if group:
+            units.append(group)
+        if error is not None:
+            units.append(error)
+        return units
+
+    def _one_by_one(self, frames: bytes) -> list[Message]:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(frames)
+        messages = []
+        for obj in unpacker:
+            try:
+                messages.append(decode(obj))
+            except Exception as exc:  # a bug in the decoder: escalated, the stream goes on
+                self._sink.on_internal_error(exc, "decode")
+        return messages
 
     def _dispatch_bars(self, group: list[Bar], ts_recv: int) -> None:
         try:
@@ -192,7 +210,6 @@ class FeedProtocol(PausableFeed):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._pending = None
-        self._held = None
         self._backlog.clear()
         self._sink.on_feed_lost()
         super().connection_lost(exc)
