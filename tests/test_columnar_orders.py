@@ -78,9 +78,10 @@ def test_frames_when_encoded_in_one_buffer_decode_to_the_maps_of_one_by_one(
         np.array([r[3] for r in rows], dtype=np.float64),
         T,
     )
-    frames = _frames(FrameEncoder(SYMBOLS).encode(orders))
-    assert frames == [wire.encode(m) for m in orders.messages()]
-    assert [wire.decode(f) for f in frames] == list(orders.messages())
+    frames = sorted(_frames(FrameEncoder(SYMBOLS).encode(orders)), key=lambda f: str(f["cl_ord_id"]))
+    one_by_one = sorted(orders.messages(), key=lambda m: m.cl_ord_id)
+    assert frames == [wire.encode(m) for m in one_by_one]
+    assert [wire.decode(f) for f in frames] == one_by_one
 
 
 @pytest.mark.parametrize("n", [15, 16, 65535, 65536])
@@ -89,7 +90,9 @@ def test_frames_when_the_batch_crosses_a_msgpack_array_size_class_still_come_apa
     ones = np.ones(n, dtype=np.int64)
     orders = NewOrders("p", 99_990, universe, np.arange(n, dtype=np.int64), ones.astype(np.int8), ones, ones * 1.5, T)
     frames = _frames(FrameEncoder(universe).encode(orders))
-    assert len(frames) == n and frames[-1]["cl_ord_id"] == f"p-{99_990 + n - 1}" and frames[0]["symbol"] == "U0"
+    ids = {f["cl_ord_id"] for f in frames}
+    assert len(frames) == n and ids == {f"p-{99_990 + k}" for k in range(n)}
+    assert {f["symbol"] for f in frames} == set(universe)
 
 
 # -- the arrays beside the dicts --------------------------------------------------------------
