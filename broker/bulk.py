@@ -72,13 +72,18 @@ class FrameEncoder:
 
     def __init__(self, universe: tuple[str, ...]) -> None:
         self.universe = universe
-        encoded = [_str8(s.encode()) for s in universe]
-        if any(len(e) > 257 for e in encoded):
+        raw = [s.encode() for s in universe]
+        lengths = np.fromiter(map(len, raw), dtype=np.int64, count=len(raw))
+        width = int(lengths.max(initial=0))
+        if width > 255:
             raise ValueError("a symbol longer than 255 bytes does not fit a str8")
-        self._sym_len = np.array([len(e) for e in encoded], dtype=np.int64)
-        self._symbols = np.zeros((len(encoded), max(self._sym_len, default=0)), dtype=np.uint8)
-        for i, e in enumerate(encoded):
-            self._symbols[i, : len(e)] = np.frombuffer(e, dtype=np.uint8)
+        # Each symbol as a str8 (0xd9, length, bytes), padded to one width, built without a loop.
+        self._sym_len = lengths + 2
+        self._symbols = np.zeros((len(raw), width + 2), dtype=np.uint8)
+        self._symbols[:, 0] = 0xD9
+        self._symbols[:, 1] = lengths
+        if width:
+            self._symbols[:, 2:] = np.array(raw, dtype=f"S{width}").view(np.uint8).reshape(len(raw), width)
         self._layouts: dict[tuple[str, int, int], tuple[npt.NDArray[np.uint8], int, int, int, int, int, int]] = {}
 
     def _layout(self, prefix: str, digits: int, sym: int) -> tuple[npt.NDArray[np.uint8], int, int, int, int, int, int]:

@@ -174,6 +174,11 @@ class GatewayClient:
             transport.write(data)
         return True
 
+    def prepare(self, universe: tuple[str, ...]) -> None:
+        """Make the universe's frame encoder now, not at the first batch's orders."""
+        if self._frames is None or self._frames.universe is not universe:
+            self._frames = FrameEncoder(universe)
+
     def send_new_orders(self, orders: NewOrders) -> bool:
         """Write a batch's new orders, their frames in one buffer; False when there is no
         connection to write them to (then none was written)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -221,6 +222,11 @@ class Daemon:
 
         if cfg.metrics.enabled:
             self._serve_metrics()
+        # What start-up made (the model, the replayed journal, the universe's tables) lives as
+        # long as the process: collected once, then frozen out of the cyclic collector, so a
+        # full collection during trading walks only what trading made since.
+        gc.collect()
+        gc.freeze()
         status("connecting feed")
         f = cfg.feed
         self._feed = FeedConnector(

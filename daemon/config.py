@@ -214,7 +214,7 @@ class BrokerConfig(_Section, frozen=True):
     # reports wait, at most this long after they were read, so a batch's acks and fills do not
     # hold up the next batch's orders. Safe to wait: a fill moves working quantity into the
     # position, so the exposure the gates check is the same either way. 0: never wait.
-    report_hold_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 20
+    report_hold_ms: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 50
     fix: FixConfig = FixConfig()
 
 

@@ -103,6 +103,9 @@ class OrderDesk:
     @gateway.setter
     def gateway(self, gateway: Gateway | None) -> None:
         self.orders.gateway = gateway
+        prepare = getattr(gateway, "prepare", None)  # the native gateway's bulk frames
+        if prepare is not None:
+            prepare(self.symbols)
 
     @property
     def reconciled(self) -> bool:
