@@ -483,7 +483,6 @@ def summary(report: Report) -> dict[str, Any]:
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per figure, the median over the runs (each run's own percentile), for the targets."""
-    import numpy as np  # noqa: PLC0415
 
     def med(path: tuple[str, ...]) -> float | None:
         values = []
