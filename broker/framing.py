@@ -91,6 +91,11 @@ class FrameReader:
                     try:
                         unpacker.skip()
                     except msgpack.OutOfData:
+                        declared = _declared_length(self._raw, self._consumed - base)
+                        if declared is not None and declared > limit:
+                            # As ``unpack`` refuses such a header at once (the scan would wait
+                            # for the frame's bytes).
+                            raise FrameError("oversized_frame", f"a frame declares {declared} items or bytes") from None
                         break
                     except (ValueError, TypeError, msgpack.UnpackException) as exc:
                         detail = str(exc) or f"{type(exc).__name__}: invalid type byte"
@@ -113,3 +118,23 @@ class FrameReader:
         del self._raw[: self._consumed - base]
         self._raw_at = self._consumed
         return frames, count, error
+
+
+# Top-level headers with a length: (length bytes) by type byte. map16/32, array16/32, str8/16/32,
+# bin8/16/32, ext8/16/32.
+_LENGTH_BYTES = {
+    0xDE: 2, 0xDF: 4, 0xDC: 2, 0xDD: 4,
+    0xD9: 1, 0xDA: 2, 0xDB: 4,
+    0xC4: 1, 0xC5: 2, 0xC6: 4,
+    0xC7: 1, 0xC8: 2, 0xC9: 4,
+}  # fmt: skip
+
+
+def _declared_length(buf: bytearray, at: int) -> int | None:
+    """The length a pending frame's first header declares, once its bytes are there."""
+    if at >= len(buf):
+        return None
+    width = _LENGTH_BYTES.get(buf[at])
+    if width is None or at + 1 + width > len(buf):
+        return None
+    return int.from_bytes(buf[at + 1 : at + 1 + width], "big")

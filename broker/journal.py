@@ -58,6 +58,11 @@ class Journal:
         self.failed: JournalError | None = None  # after one failed write the file is not trusted again
         self._fd = -1
         self._open(wall_ns, segment)
+        if self._size and header_format(path) not in (None, FORMAT):
+            # An active segment an older release began: sealed as it is, so what this release
+            # writes (an ``orders`` record, say) begins under a header naming the format it
+            # needs, and an older release rolled back to refuses it instead of skipping it.
+            self.rotate(wall_ns)
 
     def _open(self, wall_ns: int, segment: int) -> None:
         self.segment = segment
@@ -158,6 +163,21 @@ class Journal:
         finally:
             os.close(self._fd)
             self._fd = -1
+
+
+def header_format(path: Path) -> int | None:
+    """The format a journal file's header names (None if it has no readable header)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(512)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(head)
+        first = unpacker.unpack()
+    except (OSError, ValueError, TypeError, msgpack.UnpackException, msgpack.OutOfData):
+        return None
+    if isinstance(first, dict) and first.get("kind") == "header" and type(first.get("format")) is int:
+        return int(first["format"])
+    return None
 
 
 def read_journal(path: Path) -> Iterator[dict[str, Any]]:

@@ -112,7 +112,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 kind, ts = one.get("kind"), _ts(one)
                 if kind in ("intent", "orders"):
                     symbol_of[str(one.get("id"))] = str(one.get("symbol"))
-                if kinds and kind not in kinds:
+                # A block order is an intent and a send at once: either kind shows it.
+                if kinds and kind not in kinds and not (kind == "orders" and kinds & {"intent", "send"}):
                     continue
                 if (since is not None and ts < since) or (until is not None and ts > until):
                     continue

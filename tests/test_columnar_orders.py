@@ -329,6 +329,8 @@ def test_the_journal_tool_tells_a_block_order_by_order(tmp_path: Path) -> None:
     every = subprocess.run([*run, "--kind", "orders"], capture_output=True, text=True, timeout=60, check=True)
     shown = [json.loads(line) for line in every.stdout.splitlines()]
     assert sorted(r["symbol"] for r in shown) == sorted(SYMBOLS) and all(r["id"] in desk.book.orders for r in shown)
+    sends = subprocess.run([*run, "--kind", "send"], capture_output=True, text=True, timeout=60, check=True)
+    assert len(sends.stdout.splitlines()) == len(SYMBOLS)  # a block order is a send too
     one = subprocess.run([*run, "--symbol", "BRK.B"], capture_output=True, text=True, timeout=60, check=True)
     (line,) = [json.loads(x) for x in one.stdout.splitlines() if '"orders"' in x]
     assert line["symbol"] == "BRK.B" and line["side"] in ("buy", "sell") and line["qty"] > 0

@@ -102,6 +102,7 @@ class FeedProtocol(PausableFeed):
         self._pending: Iterator[list[Bar] | Message | FrameError] | None = None
         self._pending_ts = 0
         self.reads_one_by_one = 0  # reads whose frames were decoded one by one (not all sound)
+        self._broken = False  # a frame error ended the stream
         # Chunks not yet handed on, each with ``ts_recv``: when its bytes were read from the
         # socket. Taken once per read and never again, so a bar held back while the feed is
         # paused, or behind another minute in the same read, carries the wait in its latency.
@@ -113,6 +114,8 @@ class FeedProtocol(PausableFeed):
         self._sink.on_feed_connected(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._broken:
+            return  # the stream stopped making sense; the connection is being dropped
         self._backlog.append((data, self._now_ns()))
         if not self._paused and self._pending is None:
             self._deliver()
@@ -132,6 +135,7 @@ class FeedProtocol(PausableFeed):
                 if type(unit) is list:
                     self._dispatch_bars(unit, ts_recv)
                 elif isinstance(unit, FrameError):
+                    self._broken = True
                     self._pending = None
                     self._backlog.clear()
                     self._sink.on_frame_error(unit)
@@ -154,7 +158,8 @@ class FeedProtocol(PausableFeed):
         )
         if messages is None:
             self.reads_one_by_one += 1
-            messages = self._one_by_one(frames)
+            messages, unpack_error = self._one_by_one(frames)
+            error = unpack_error or error
         units: list[list[Bar] | Message | FrameError] = []
         group: list[Bar] = []
         for message in messages:
@@ -171,16 +176,24 @@ class FeedProtocol(PausableFeed):
             units.append(error)
         return units
 
-    def _one_by_one(self, frames: bytes) -> list[Message]:
+    def _one_by_one(self, frames: bytes) -> tuple[list[Message], FrameError | None]:
+        """Each frame unpacked and decoded on its own; a frame that does not unpack (bytes the
+        boundary scan let through: a string that is not UTF-8, a map as a map key, a bad
+        timestamp) ends the stream there, as ``FrameReader.feed`` would have ended it."""
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
         unpacker.feed(frames)
-        messages = []
-        for obj in unpacker:
+        messages: list[Message] = []
+        while True:
+            try:
+                obj = unpacker.unpack()
+            except msgpack.OutOfData:
+                return messages, None
+            except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                return messages, FrameError("not_msgpack", str(exc) or type(exc).__name__)
             try:
                 messages.append(decode(obj))
             except Exception as exc:  # a bug in the decoder: escalated, the stream goes on
                 self._sink.on_internal_error(exc, "decode")
-        return messages
 
     def _dispatch_bars(self, group: list[Bar], ts_recv: int) -> None:
         try:

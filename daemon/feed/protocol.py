@@ -43,11 +43,12 @@ _U64_MAX = (1 << 64) - 1
 _Seq = Annotated[int, msgspec.Meta(ge=0)]  # a msgpack integer is at most a u64
 _Ts = Annotated[int, msgspec.Meta(ge=_I64_MIN, le=_I64_MAX)]
 
-# The tags and constraints matter only when frames are decoded in bulk (``decode_frames``):
-# they make msgspec refuse what ``decode`` would reject for its type.
+# The tags, constraints and refusal of unknown fields matter only when frames are decoded in
+# bulk (``decode_frames``): msgspec refuses what ``decode`` would reject for its type, and a
+# frame with a field it does not know (whose value it would not even look at) goes one by one.
 
 
-class Bar(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar"):
+class Bar(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar", forbid_unknown_fields=True):
     """One closed 1-minute bar. ``ts`` is the bar's close in integer ns since the epoch."""
 
     seq: _Seq
@@ -61,7 +62,7 @@ class Bar(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar"):
     prev_close: float | None = None
 
 
-class MinuteEnd(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="minute_end"):
+class MinuteEnd(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="minute_end", forbid_unknown_fields=True):
     """Every bar of minute ``ts`` has been sent (``count`` of them)."""
 
     seq: _Seq
@@ -69,7 +70,7 @@ class MinuteEnd(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="mi
     count: Annotated[int, msgspec.Meta(ge=0, le=_I64_MAX)]
 
 
-class Heartbeat(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="heartbeat"):
+class Heartbeat(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="heartbeat", forbid_unknown_fields=True):
     seq: _Seq
     ts: _Ts
 
@@ -219,8 +220,7 @@ _FRAMES = msgspec.msgpack.Decoder(list[Bar | MinuteEnd | Heartbeat])
 def decode_frames(frames: bytes, count: int) -> list[Bar | MinuteEnd | Heartbeat] | None:
     """``decode`` for ``count`` complete frames back to back, all at once (msgspec, as one array):
     the messages, or None when any frame is not a bar, minute end or heartbeat that ``decode``
-    would return as such (the caller then decodes them one by one, for their reasons). Two
-    ``type`` keys in one map are the one case read differently: msgspec takes the first."""
+    would return as such (the caller then decodes them one by one, for their reasons)."""
     header = (
         bytes([0x90 | count])
         if count < 16
