@@ -6,8 +6,10 @@ Runs the daemon's own ingest over a prebuilt byte stream, in one thread, chunk b
 would hand it over: the feed protocol (``FeedProtocol`` for msgpack v1, ``DbnFeedProtocol`` for
 DBN) into a real ``Runtime``: validation, the feature windows, the halt rule, accuracy, the
 journal's bar records (fsync none) and the batcher. No inference runs: the batcher never fills
-and its timer never fires inside the timed loop. Baselines in the same run: msgpack bar by bar
-(``Runtime.on_bar``, the path before the vectorised minute) and the DBN decoder alone.
+and its timer never fires inside the timed loop. Baselines in the same run: msgpack frames
+decoded one by one and bars taken one by one (``Runtime.on_bar``, the path of 2026-11-30),
+frames decoded one by one and a read's bars at once (the path before msgspec decoded a read's
+frames at once), and the DBN decoder alone.
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ async def main_async(args: argparse.Namespace) -> None:
             for bar in group:
                 self._sink.on_bar(bar, ts_recv)
 
-    msgpack_bar_by_bar = fed(lambda rt: _OneByOne(rt, 4096, now), v1)
+    msgpack_bar_by_bar = fed(lambda rt: _OneByOne(rt, 4096, now, bulk_decode=False), v1)
+    msgpack_frame_by_frame = fed(lambda rt: FeedProtocol(rt, 4096, now, bulk_decode=False), v1)
     msgpack_grouped = fed(lambda rt: FeedProtocol(rt, 4096, now), v1)
     dbn_path = fed(lambda rt: DbnFeedProtocol(rt, rt.symbols, now), dbn_chunks)
 
@@ -159,8 +162,12 @@ async def main_async(args: argparse.Namespace) -> None:
     print("| path | bars/s | µs per bar | a 5,000-symbol minute, ms |")
     print("|---|---:|---:|---:|")
     rows = [
-        ("msgpack v1, bar by bar (the path before; baseline)", await _measure(names, msgpack_bar_by_bar, bars)),
-        ("msgpack v1, a read's bars at once (`on_bars`)", await _measure(names, msgpack_grouped, bars)),
+        ("msgpack v1, frames one by one, bar by bar (baseline)", await _measure(names, msgpack_bar_by_bar, bars)),
+        (
+            "msgpack v1, frames decoded one by one, a read's bars at once (baseline)",
+            await _measure(names, msgpack_frame_by_frame, bars),
+        ),
+        ("msgpack v1, a read's frames decoded at once, its bars at once", await _measure(names, msgpack_grouped, bars)),
         ("DBN decoder alone (baseline)", decoder_alone()),
         ("DBN: decode, validate, windows, halts, journal, batcher", await _measure(names, dbn_path, bars)),
     ]

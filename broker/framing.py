@@ -98,6 +98,9 @@ class FrameReader:
                             raise FrameError("oversized_frame", f"a frame declares {declared} items or bytes") from None
                         break
                     except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                        declared = _declared_length(self._raw, self._consumed - base)
+                        if declared is not None and declared > limit:  # as ``unpack`` finds first
+                            raise FrameError("oversized_frame", f"a frame declares {declared} items or bytes") from exc
                         detail = str(exc) or f"{type(exc).__name__}: invalid type byte"
                         reason = "oversized_frame" if "exceeds max_" in detail else "not_msgpack"
                         raise FrameError(reason, detail) from exc

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broker import records as rec
@@ -142,6 +142,7 @@ frames = st.one_of(
 )
 
 
+@example([b"\xdf\xff\xff\xff\xff", b"\xc1"], 2)  # a header past the limit, then a bad byte
 @settings(max_examples=300, deadline=None)
 @given(st.lists(frames, min_size=1, max_size=12), st.integers(1, 200))
 def test_a_feed_decoded_a_read_at_a_time_hands_on_what_frame_by_frame_decoding_does(

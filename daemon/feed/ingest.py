@@ -92,8 +92,11 @@ class FeedProtocol(PausableFeed):
     so the sink sees nothing more until ``resume``: real backpressure, not a late one.
     """
 
-    def __init__(self, sink: FeedSink, max_frame_bytes: int, now_ns: Callable[[], int]) -> None:
+    def __init__(
+        self, sink: FeedSink, max_frame_bytes: int, now_ns: Callable[[], int], *, bulk_decode: bool = True
+    ) -> None:
         super().__init__()
+        self._bulk_decode = bulk_decode  # False: every frame decoded on its own (a benchmark's baseline)
         self._sink = sink
         self._reader = FrameReader(max_frame_bytes)
         self._transport: asyncio.Transport | None = None
@@ -154,7 +157,7 @@ class FeedProtocol(PausableFeed):
         a sound bar, minute end or heartbeat, else one by one (for each one's reason)."""
         frames, count, error = self._reader.feed_frames(data)
         messages: list[Message] | list[Bar | MinuteEnd | Heartbeat] | None = (
-            decode_frames(frames, count) if count else []
+            decode_frames(frames, count) if count and self._bulk_decode else [] if not count else None
         )
         if messages is None:
             self.reads_one_by_one += 1
