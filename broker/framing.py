@@ -36,6 +36,32 @@ class FrameReader:
         self._raw_at = 0  # their offset in the stream
 
     def feed(self, data: bytes) -> Iterator[object]:
+        yield from self._scan(data, unpack=True)
+
+    def feed_frames(self, data: bytes) -> tuple[bytes, int, FrameError | None]:
+        """``feed`` without decoding: the complete frames ``data`` finishes, back to back, how
+        many, and the error that ends the stream there (None when it goes on); the frames
+        before an error are returned. Not to be mixed with ``feed`` on one reader."""
+        base = self._raw_at
+        self._raw += data
+        good = self._consumed
+        count = 0
+        error: FrameError | None = None
+        try:
+            for _ in self._scan(data, unpack=False):
+                good = self._consumed
+                count += 1
+        except FrameError as exc:
+            error = exc
+        frames = bytes(self._raw[: good - base])
+        del self._raw[: self._consumed - base]
+        self._raw_at = self._consumed
+        return frames, count, error
+
+    def _scan(self, data: bytes, *, unpack: bool) -> Iterator[object]:
+        """Feed ``data`` a frame's worth at a time; yield each complete frame (the object, or
+        None when only skipping over it) once its size is checked; raise ``FrameError`` where
+        the stream stops making sense."""
         limit = self.max_frame_bytes
         view = memoryview(data)
         unpacker = self._unpacker
@@ -48,10 +74,14 @@ class FrameReader:
             self._fed += len(piece)
             while True:
                 try:
-                    obj = unpacker.unpack()
+                    obj = unpacker.unpack() if unpack else unpacker.skip()
                 except msgpack.OutOfData:
+                    if not unpack:
+                        self._refuse_declared(None)  # as ``unpack`` refuses it before its bytes come
                     break
                 except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                    if not unpack:
+                        self._refuse_declared(exc)  # as ``unpack`` finds it first
                     detail = str(exc) or f"{type(exc).__name__}: invalid type byte"
                     # A length header over the per-object limits is a frame over the limit.
                     reason = "oversized_frame" if "exceeds max_" in detail else "not_msgpack"
@@ -67,60 +97,12 @@ class FrameReader:
                     f"a frame exceeds {limit} bytes ({self._fed - self._consumed} so far)",
                 )
 
-    def feed_frames(self, data: bytes) -> tuple[bytes, int, FrameError | None]:
-        """``feed`` without decoding: the complete frames ``data`` finishes, back to back, how
-        many, and the error that ends the stream there (None when it goes on); the frames
-        before an error are returned. Not to be mixed with ``feed`` on one reader."""
-        limit = self.max_frame_bytes
-        view = memoryview(data)
-        unpacker = self._unpacker
-        base = self._raw_at
-        self._raw += data
-        good = self._consumed
-        count = 0
-        error: FrameError | None = None
-        try:
-            for start in range(0, len(view), limit):
-                piece = view[start : start + limit]
-                try:
-                    unpacker.feed(piece)
-                except msgpack.BufferFull as exc:
-                    raise FrameError("oversized_frame", f"a frame exceeds {limit} bytes") from exc
-                self._fed += len(piece)
-                while True:
-                    try:
-                        unpacker.skip()
-                    except msgpack.OutOfData:
-                        declared = _declared_length(self._raw, self._consumed - base)
-                        if declared is not None and declared > limit:
-                            # As ``unpack`` refuses such a header at once (the scan would wait
-                            # for the frame's bytes).
-                            raise FrameError("oversized_frame", f"a frame declares {declared} items or bytes") from None
-                        break
-                    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-                        declared = _declared_length(self._raw, self._consumed - base)
-                        if declared is not None and declared > limit:  # as ``unpack`` finds first
-                            raise FrameError("oversized_frame", f"a frame declares {declared} items or bytes") from exc
-                        detail = str(exc) or f"{type(exc).__name__}: invalid type byte"
-                        reason = "oversized_frame" if "exceeds max_" in detail else "not_msgpack"
-                        raise FrameError(reason, detail) from exc
-                    end = unpacker.tell()
-                    size, self._consumed = end - self._consumed, end
-                    if size > limit:
-                        raise FrameError("oversized_frame", f"a {size}-byte frame exceeds {limit} bytes")
-                    good = end
-                    count += 1
-                if self._fed - self._consumed > limit:
-                    raise FrameError(
-                        "oversized_frame",
-                        f"a frame exceeds {limit} bytes ({self._fed - self._consumed} so far)",
-                    )
-        except FrameError as exc:
-            error = exc
-        frames = bytes(self._raw[: good - base])
-        del self._raw[: self._consumed - base]
-        self._raw_at = self._consumed
-        return frames, count, error
+    def _refuse_declared(self, cause: BaseException | None) -> None:
+        """Skipping checks no length against the limits: the pending frame's first header is
+        checked here, as ``unpack`` would have."""
+        declared = _declared_length(self._raw, self._consumed - self._raw_at)
+        if declared is not None and declared > self.max_frame_bytes:
+            raise FrameError("oversized_frame", f"a frame declares {declared} items or bytes") from cause
 
 
 # Top-level headers with a length: (length bytes) by type byte. map16/32, array16/32, str8/16/32,
