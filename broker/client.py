@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol, cast
 
 import msgpack
@@ -43,14 +43,20 @@ HOLD_POLL_S = 0.0005  # how often held messages look again whether they may go
 
 
 class _GatewayProtocol(ClosingProtocol):
+    """Reads are kept as bytes and parsed as they are handled, ``REPORTS_PER_TURN`` messages a
+    turn of the loop: while the client holds them, a burst of reports costs the loop nothing."""
+
     def __init__(self, client: GatewayClient) -> None:
         super().__init__()
         self._client = client
         self._reader = FrameReader(client.max_frame_bytes)
         self._transport: asyncio.Transport | None = None
-        self._backlog: deque[tuple[float, object]] = deque()  # (loop time read, message)
+        self._backlog: deque[tuple[float, bytes]] = deque()  # (loop time read, bytes) not yet parsed
+        self._current: Iterator[object] | None = None  # the messages of the read being handled
+        self._current_at = 0.0
         self._draining = False
         self._paused = False
+        self._broken = False  # a frame error: nothing more is parsed
         self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -60,36 +66,60 @@ class _GatewayProtocol(ClosingProtocol):
         self._client._attach(transport)
 
     def data_received(self, data: bytes) -> None:
-        backlog, now = self._backlog, self._loop.time()
-        try:
-            for obj in self._reader.feed(data):
-                backlog.append((now, obj))
-        except FrameError as exc:
-            self._client.on_event("frame_error", str(exc))
-            assert self._transport is not None
-            self._transport.abort()
+        if self._broken:
+            return
+        self._backlog.append((self._loop.time(), data))
         if not self._draining:
             self._drain()
+
+    def _waiting(self) -> bool:
+        return self._current is not None or bool(self._backlog)
 
     def _drain(self) -> None:
         """Handle up to ``REPORTS_PER_TURN`` messages, in order; the rest on later turns, with
         reading paused meanwhile so the backlog stays bounded. While the client's ``hold`` says
         so, messages wait (each at most ``hold_s`` after it was read)."""
         self._draining = False
-        backlog, client = self._backlog, self._client
-        if backlog and client.hold_s and client.hold() and self._loop.time() - backlog[0][0] < client.hold_s:
-            self._later(HOLD_POLL_S)
-            return
-        dispatch = client._dispatch
-        for _ in range(min(len(backlog), REPORTS_PER_TURN)):
-            dispatch(wire.decode(backlog.popleft()[1]))
-        if backlog:
+        client = self._client
+        if self._waiting() and client.hold_s and client.hold():
+            oldest = self._current_at if self._current is not None else self._backlog[0][0]
+            if self._loop.time() - oldest < client.hold_s:
+                self._later(HOLD_POLL_S)
+                return
+        self._handle(REPORTS_PER_TURN)
+        if self._waiting():
             self._later(0.0)
         elif self._paused:
             self._paused = False
             transport = self._transport
             if transport is not None and not transport.is_closing():
                 transport.resume_reading()
+
+    def _handle(self, most: int | None) -> None:
+        """Parse and hand on up to ``most`` messages (None: all that have been read)."""
+        dispatch = self._client._dispatch
+        done = 0
+        while most is None or done < most:
+            if self._current is None:
+                if not self._backlog:
+                    return
+                self._current_at, data = self._backlog.popleft()
+                self._current = self._reader.feed(data)
+            try:
+                obj = next(self._current)
+            except StopIteration:
+                self._current = None
+                continue
+            except FrameError as exc:
+                self._current = None
+                self._backlog.clear()
+                self._broken = True
+                self._client.on_event("frame_error", str(exc))
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            dispatch(wire.decode(obj))
+            done += 1
 
     def _later(self, delay_s: float) -> None:
         self._draining = True
@@ -104,9 +134,7 @@ class _GatewayProtocol(ClosingProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Everything received is applied before the connection is known to be gone.
-        backlog, dispatch = self._backlog, self._client._dispatch
-        while backlog:
-            dispatch(wire.decode(backlog.popleft()[1]))
+        self._handle(None)
         self._client._detach()
         super().connection_lost(exc)
 
