@@ -90,5 +90,22 @@ def test_ingest_bench_runs_and_counts_every_bar() -> None:
     assert result.returncode == 0, result.stderr
     # It asserts itself that every timed bar was accepted on every path.
     assert "720 bars timed (40 symbols x 18 minutes" in result.stdout
-    for path in ("msgpack v1, bar by bar", "a read's bars at once", "DBN: decode, validate, windows"):
+    for path in (
+        "msgpack v1, frames one by one, bar by bar",
+        "frames decoded one by one, a read's bars at once",
+        "a read's frames decoded at once, its bars at once",
+        "DBN: decode, validate, windows",
+    ):
         assert path in result.stdout
+
+
+def test_order_path_bench_runs_both_paths_and_sends_every_order() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.order_path", "--signals", "40", "--reps", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr  # it asserts itself that every order was sent
+    assert "| order by order (baseline) |" in result.stdout and "| block |" in result.stdout
