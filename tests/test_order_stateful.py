@@ -21,18 +21,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from broker import protocol as wire
+from broker.bulk import FrameEncoder, NewOrders
 from broker.journal import Journal, recover_journal
 from broker.orders import FINAL
 from daemon.batcher import Batch
 from daemon.clock import FakeClock
 from daemon.config import Config, HaltConfig, RiskConfig, SignalConfig, UniverseConfig
-from daemon.desk import OrderDesk
+from daemon.desk import BATCH_GATES_FROM, OrderDesk
 from daemon.stats import Stats
 from daemon.windows import FeatureWindows
 from engines.chooser import DEFAULT_MODEL
@@ -144,6 +146,18 @@ class ModelGateway:
                 self.status_requests.append(message)
         return True
 
+    def send_new_orders(self, orders: NewOrders) -> bool:
+        """A batch's block: its frames as the native gateway writes them, all or none."""
+        if not self.broker.connected:
+            return False
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(FrameEncoder(orders.universe).encode(orders))
+        for frame in unpacker:
+            message = wire.decode(frame)
+            assert isinstance(message, wire.NewOrder)
+            self.send(message)
+        return True
+
     async def run(self) -> None:
         return None
 
@@ -217,6 +231,23 @@ class OrderDeskMachine(RuleBasedStateMachine):
         batch = Batch(np.array([symbol], dtype=np.int64), [0], [ts], [self.prices[SYMBOLS[symbol]]])
         before = sum(self.broker.received.values())
         self.desk.on_signals(batch, [0], [2 if buy else 0], [0.9])
+        if self.desk.kill:
+            assert sum(self.broker.received.values()) == before, "an order left with the kill switch on"
+
+    @precondition(lambda self: self.minute > 0)
+    @rule(buys=st.lists(st.booleans(), min_size=3, max_size=3))
+    def signals_at_once(self, buys: list[bool]) -> None:
+        """A batch of every symbol through the batch gates: what passes goes as one block
+        (one journal record, one write, booked when the book is next read)."""
+        ts = 1_700_000_040_000_000_000 + self.minute * NS_PER_MIN
+        closes = [self.prices[s] for s in SYMBOLS]
+        batch = Batch(np.arange(3, dtype=np.int64), [0, 0, 0], [ts] * 3, closes)
+        before = sum(self.broker.received.values())
+        self.desk.batch_gates_from = 1
+        try:
+            self.desk.on_signals(batch, [0, 1, 2], [2 if b else 0 for b in buys], [0.9] * 3)
+        finally:
+            self.desk.batch_gates_from = BATCH_GATES_FROM
         if self.desk.kill:
             assert sum(self.broker.received.values()) == before, "an order left with the kill switch on"
 
@@ -339,6 +370,12 @@ class OrderDeskMachine(RuleBasedStateMachine):
                 told[o.symbol] += cum if o.side is wire.Side.BUY else -cum
         ours = {s: q for s, q in self.desk.book.positions.items() if q}
         assert ours == {s: q for s, q in told.items() if q}
+
+    @invariant()
+    def the_exposure_array_is_positions_plus_working(self) -> None:
+        totals = self.desk.book.exposure_totals
+        assert totals is not None
+        assert totals.tolist() == [self.desk.book.exposure(s) for s in SYMBOLS]
 
     @invariant()
     def settled_means_equal_to_the_broker(self) -> None:
