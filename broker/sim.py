@@ -89,9 +89,13 @@ class _SimProtocol(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        # Received when the bytes were read: once per read, as the daemon stamps its feed (a
+        # stamp per message would charge the simulator's own work on the read's earlier
+        # messages to the later ones).
+        ts_recv = time.time_ns()
         try:
             for obj in self._reader.feed(data):
-                self._sim._handle(self, wire.decode(obj), time.time_ns())
+                self._sim._handle(self, wire.decode(obj), ts_recv)
         except FrameError:
             self._sim.malformed += 1
             if self._transport is not None:

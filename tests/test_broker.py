@@ -397,3 +397,18 @@ async def test_gateway_holds_reports_while_told_to_but_never_past_the_bound(tmp_
     client.stop()
     await task
     server.close()
+
+
+async def test_simulator_stamps_its_receipt_once_per_read(tmp_path: Path) -> None:
+    """Orders written together are received together: the simulator's receipt time is when it
+    read the bytes, not after its own work on the orders before them in the same read."""
+    client, sim, _reports, task = await _client_and_sim(tmp_path, SimConfig())
+    client.cork()
+    for k in range(20):
+        assert client.send(wire.NewOrder(f"B{k}", "AAA", wire.Side.BUY, 1, 10.0, ts=1))
+    client.uncork()  # one write
+    await wait_for(lambda: len(read_orders(tmp_path / "orders.jsonl")) == 20, what="the 20 orders")
+    assert len({o["ts_recv"] for o in read_orders(tmp_path / "orders.jsonl")}) == 1
+    client.stop()
+    await task
+    await sim.close()
