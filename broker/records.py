@@ -95,7 +95,7 @@ class Orders(_Record, frozen=True, tag="orders"):
     confidence: bytes  # float64, rounded to 4 places
 
 
-SIGNALS = ("sell", "hold", "buy")  # ``Orders.signal`` codes (the policy's classes)
+SIGNALS = ("sell", "hold", "buy")  # ``Orders.signal`` codes: the model's classes, in its output order
 
 
 def order_rows(r: Orders | dict[str, Any]) -> list[dict[str, Any]]:

@@ -487,6 +487,17 @@ def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
                 _describe_subcommands(subparser)
 
 
+def _training_window_args(p: argparse.ArgumentParser) -> None:
+    """``--train-until`` and ``--embargo-bars``, as ``model train`` and ``model finetune`` take them."""
+    p.add_argument("--train-until", type=_iso_date, help="train on bars before this day (UTC); backtest from it")
+    p.add_argument(
+        "--embargo-bars",
+        type=int,
+        default=None,
+        help="drop each symbol's last N bars before --train-until, so no label reaches past it (default: the window)",
+    )
+
+
 def _iso_date(text: str) -> date:
     try:
         return date.fromisoformat(text)
@@ -624,13 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("train", help="train a small signal model on real or synthetic bars, then export it")
     p.add_argument("--out", required=True)
     p.add_argument("--data", type=Path, action="append", help="minute bars to train on (CSV or DBN; repeatable)")
-    p.add_argument("--train-until", type=_iso_date, help="train on bars before this day (UTC); backtest from it")
-    p.add_argument(
-        "--embargo-bars",
-        type=int,
-        default=None,
-        help="drop each symbol's last N bars before --train-until, so no label reaches past it (default: the window)",
-    )
+    _training_window_args(p)
     p.add_argument(
         "--walk-forward",
         type=int,
@@ -653,13 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="a signal checkpoint, or a Qwen3 save_pretrained directory")
     p.add_argument("--data", type=Path, action="append", required=True, help="minute bars (CSV or DBN; repeatable)")
     p.add_argument("--out", required=True)
-    p.add_argument("--train-until", type=_iso_date, help="train on bars before this day (UTC); backtest from it")
-    p.add_argument(
-        "--embargo-bars",
-        type=int,
-        default=None,
-        help="drop each symbol's last N bars before --train-until, so no label reaches past it (default: the window)",
-    )
+    _training_window_args(p)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.05)

@@ -387,11 +387,8 @@ class OrderDesk:
         at = np.asarray(rows, dtype=np.int64)
         idx = batch.symbols[at]
         totals = self.book.exposure_totals
-        if totals is not None:
-            exposure = totals[idx]
-        else:
-            book = self.book
-            exposure = np.fromiter((book.exposure(self.symbols[i]) for i in idx.tolist()), np.int64, len(idx))
+        assert totals is not None  # the desk indexed its book by the universe
+        exposure = totals[idx]
         cls_all = np.asarray(cls, dtype=np.int64)[at]
         conf_all = np.asarray(conf, dtype=np.float64)[at]
         intents = self.policy.intents(cls_all, conf_all, np.asarray(batch.close, dtype=np.float64)[at], exposure)
@@ -401,9 +398,8 @@ class OrderDesk:
         sym = idx[k]
         names: list[str] = self._names[sym].tolist()
         view = self.risk.batch_view(sym, names, exposure[k], self._gross, intents)
-        price = np.asarray(intents.price, dtype=np.float64)
         ts_event = np.asarray(batch.ts_event, dtype=np.int64)[at[k]]
-        orders = bg.BatchOrders(intents.side, intents.qty, price, ts_event)
+        orders = bg.BatchOrders(intents.side, intents.qty, intents.price, ts_event)
         go, _static, _stop = bg.passes(orders, self.risk.limits, view)
         change = np.where(go, bg.exposure_change(orders, view), 0.0)
         confidence = np.round(conf_all[k], 4)
@@ -420,7 +416,7 @@ class OrderDesk:
                 sym[g],
                 intents.side[g].astype(np.int8),
                 intents.qty[g],
-                price[g],
+                intents.price[g],
                 0,
             )
             block = OrderBlock(
@@ -451,7 +447,7 @@ class OrderDesk:
                 names[j],
                 wire.Side.BUY if intents.side[j] > 0 else wire.Side.SELL,
                 int(intents.qty[j]),
-                intents.price[j],
+                float(intents.price[j]),
                 batch.ts_event[row],
                 batch.ts_recv[row],
                 ts_ready=batch.ts_ready[row] if batch.ts_ready else 0,

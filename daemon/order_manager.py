@@ -256,12 +256,12 @@ class OrderManager:
             for block, k in blocks_written:
                 if k:
                     t2o = (ts_send - block.ts_recv[:k]) // 1000
-                    ids = block.orders.ids()
+                    o = block.orders
                     log.info(
                         "orders_sent",
                         orders=k,
-                        first_id=ids[0],
-                        last_id=ids[k - 1],
+                        first_id=f"{o.prefix}-{o.first}",
+                        last_id=f"{o.prefix}-{o.first + k - 1}",
                         tick_to_order_us_max=int(t2o.max()),
                         detail="one batch's orders that passed every gate at once; each is in the journal",
                     )

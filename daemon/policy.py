@@ -15,10 +15,11 @@ import numpy as np
 import numpy.typing as npt
 
 from broker.protocol import Side
+from broker.records import SIGNALS
 from daemon.config import Config, SignalConfig
 
 SELL, HOLD, BUY = 0, 1, 2
-CLASS_NAMES = ("sell", "hold", "buy")
+CLASS_NAMES = SIGNALS  # the model's classes in its output order, as the journal codes them
 
 
 def classify(
@@ -125,7 +126,7 @@ class Intents:
     rows: npt.NDArray[np.int64]  # positions in the arrays given, in order
     side: npt.NDArray[np.int64]  # +1 buy, -1 sell
     qty: npt.NDArray[np.int64]
-    price: list[float]
+    price: npt.NDArray[np.float64]  # limit prices, rounded to the cent as ``round(x, 2)``
     target: npt.NDArray[np.int64]
 
 
@@ -154,7 +155,7 @@ def _intents(
     keep = rounded > 0.0
     if not keep.all():
         rows, delta, side, rounded = rows[keep], delta[keep], side[keep], rounded[keep]
-    return Intents(rows, side, np.abs(delta), rounded.tolist(), exposure[rows] + delta)
+    return Intents(rows, side, np.abs(delta), rounded, exposure[rows] + delta)
 
 
 def cents(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

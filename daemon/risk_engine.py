@@ -181,7 +181,7 @@ class RiskEngine:
                 (
                     last_same.get((s, "buy" if side > 0 else "sell", q, p), bg.NO_TIME)
                     for s, side, q, p in zip(
-                        symbols, orders.side.tolist(), orders.qty.tolist(), orders.price, strict=True
+                        symbols, orders.side.tolist(), orders.qty.tolist(), orders.price.tolist(), strict=True
                     )
                 ),
                 dtype=np.int64,
@@ -256,7 +256,7 @@ class RiskEngine:
 
     def remember_send(self, order: Order, wall: int) -> None:
         self.count_sends(1, wall)
-        self.remember_same([order], wall)
+        self._remember_same([(order.symbol, order.side, order.qty, order.price)], wall)
 
     def count_sends(self, n: int, wall: int) -> None:
         """``n`` orders sent at ``wall``, for the throttle."""
@@ -266,16 +266,6 @@ class RiskEngine:
         while recent and recent[0] <= horizon:  # only sends inside the throttle window count
             recent.popleft()
 
-    def remember_same(self, orders: list[Order], wall: int) -> None:
-        """Orders sent at ``wall``, for the duplicate window (kept oldest first)."""
-        last_same = self._last_same
-        for order in orders:
-            key = (order.symbol, order.side, order.qty, order.price)
-            last_same.pop(key, None)
-            last_same[key] = wall
-        if len(last_same) > 4 * len(self.windows.symbols) + 1024:
-            self._forget_same(wall)
-
     def remember_same_columns(
         self,
         symbols: list[str],
@@ -284,14 +274,17 @@ class RiskEngine:
         price: npt.NDArray[np.float64],
         wall: int,
     ) -> None:
-        """``remember_same`` for orders sent together, as columns (nothing to remember when
-        the duplicate window is off)."""
+        """Orders sent together at ``wall``, as columns, for the duplicate window."""
+        sides = ["buy" if x > 0 else "sell" for x in side.tolist()]
+        self._remember_same(zip(symbols, sides, qty.tolist(), price.tolist(), strict=True), wall)
+
+    def _remember_same(self, keys: Iterable[tuple[str, str, int, float]], wall: int) -> None:
+        """Sends at ``wall`` by (symbol, side, qty, price), kept oldest first; nothing to keep
+        when the duplicate window is off."""
         if self.limits.duplicate_window_ns <= 0:
             return
         last_same = self._last_same
-        for key in zip(
-            symbols, ["buy" if x > 0 else "sell" for x in side.tolist()], qty.tolist(), price.tolist(), strict=True
-        ):
+        for key in keys:
             last_same.pop(key, None)
             last_same[key] = wall
         if len(last_same) > 4 * len(self.windows.symbols) + 1024:

@@ -156,9 +156,9 @@ class FeedProtocol(PausableFeed):
         the bytes stop making sense. Its complete frames are decoded at once when every one is
         a sound bar, minute end or heartbeat, else one by one (for each one's reason)."""
         frames, count, error = self._reader.feed_frames(data)
-        messages: list[Message] | list[Bar | MinuteEnd | Heartbeat] | None = (
-            decode_frames(frames, count) if count and self._bulk_decode else [] if not count else None
-        )
+        messages: list[Message] | list[Bar | MinuteEnd | Heartbeat] | None = []
+        if count:
+            messages = decode_frames(frames, count) if self._bulk_decode else None
         if messages is None:
             self.reads_one_by_one += 1
             messages, unpack_error = self._one_by_one(frames)
