@@ -3,6 +3,9 @@ between them, written and read here.
 
 A client order id is journaled before the order is sent. ``fsync`` is ``none`` (the OS decides),
 ``batch`` (once per inference batch, when ``sync`` is called) or ``always`` (every record).
+Under ``batch``, records nothing is sent on (a halt, say) may be synced with ``sync_soon``: written
+at once, so a crash of the process loses nothing, and fsynced on the journal's own thread, so the
+event loop does not wait for the disk; every later ``sync`` is behind them in the file.
 
 A write, flush or fsync that fails (ENOSPC, EIO) raises ``JournalError``: the daemon cannot
 reason about what reached the disk, so it fail-stops and the next process replays the journal.
@@ -28,6 +31,7 @@ import glob
 import hashlib
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -57,6 +61,14 @@ class Journal:
         self.records = 0
         self.failed: JournalError | None = None  # after one failed write the file is not trusted again
         self._fd = -1
+        # The flusher thread's fsyncs (``sync_soon``): the lock keeps the descriptor open under one.
+        self._fd_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._flush_wanted = threading.Event()
+        self._closing = False
+        # Called on the flusher thread when its fsync fails (the daemon fail-stops); the next
+        # append or sync raises it anyway.
+        self.on_background_error: Callable[[JournalError], None] | None = None
         self._open(wall_ns, segment)
         if self._size and header_format(path) not in (None, FORMAT):
             # An active segment an older release began: sealed as it is, so what this release
@@ -133,6 +145,58 @@ class Journal:
         self._size += len(pending)
         pending.clear()
 
+    def sync_soon(self) -> None:
+        """``sync`` without waiting for the disk (under ``batch``): the records are written now
+        and fsynced on the journal's flusher thread; under ``none`` and ``always`` as ``sync``."""
+        if self.fsync != "batch" or CRASH.armed:
+            self.sync()
+            return
+        if self.failed is not None:
+            raise self.failed
+        if not self._pending:
+            return
+        try:
+            with memoryview(self._pending) as whole:
+                done = 0
+                while done < len(whole):
+                    done += os.write(self._fd, whole[done:])
+        except OSError as exc:
+            self.failed = JournalError(str(self.path), "sync", exc)
+            raise self.failed from exc
+        self._size += len(self._pending)
+        self._pending.clear()
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="tradingd-journal-fsync", daemon=True)
+            self._flusher.start()
+        self._flush_wanted.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            with self._fd_lock:
+                if self._closing or self._fd < 0:
+                    return
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:
+                    self.failed = error = JournalError(str(self.path), "fsync", exc)
+                    callback = self.on_background_error
+                    if callback is not None:
+                        callback(error)
+                    return
+
+    def _stop_flusher(self) -> None:
+        flusher = self._flusher
+        if flusher is None:
+            return
+        with self._fd_lock:
+            self._closing = True
+        self._flush_wanted.set()
+        flusher.join()
+        self._flusher = None
+        self._closing = False
+
     def size_bytes(self) -> int:
         return self._size + len(self._pending)
 
@@ -140,6 +204,7 @@ class Journal:
         """Seal the active segment (synced, renamed to its number) and begin the next one;
         returns the sealed segment's number."""
         self.sync(force=True)
+        self._stop_flusher()
         sealed = self.segment
         os.close(self._fd)
         self._fd = -1
@@ -159,8 +224,9 @@ class Journal:
             return  # closed already
         try:
             if self.failed is None:
-                self.sync()
+                self.sync(force=self._flusher is not None)
         finally:
+            self._stop_flusher()
             os.close(self._fd)
             self._fd = -1
 

@@ -299,7 +299,15 @@ class OrderBook:
         self._orders[order.cl_ord_id] = order
 
     def exposure(self, symbol: str) -> int:
-        """Position plus the signed quantity still working at the broker."""
+        """Position plus the signed quantity still working at the broker. Read from
+        ``exposure_totals`` where the symbol has a place in it, so orders written together need
+        not be booked first (they only ever hold symbols of the index)."""
+        totals, index = self.exposure_totals, self._index
+        if totals is not None and index is not None:
+            i = index.get(symbol)
+            if i is not None:
+                return int(totals[i])
+            return self._positions.get(symbol, 0) + self._open_qty.get(symbol, 0)
         return self.positions.get(symbol, 0) + self.open_qty.get(symbol, 0)
 
     def mark_sent(self, order: Order, ts_send: int) -> None:

@@ -133,6 +133,11 @@ class Daemon:
         if recovery.unknown_kinds:
             log.warning("journal_kinds_skipped", kinds=recovery.unknown_kinds, detail="written by a newer release")
         self._journal = Journal(journal_path, jc.fsync, wall_ns=self.clock.wall_ns(), segment=recovery.next_segment)
+
+        def journal_failed(error: JournalError) -> None:  # on the journal's flusher thread
+            loop.call_soon_threadsafe(self.fail_stop, "journal", str(error), error)
+
+        self._journal.on_background_error = journal_failed
         self.runtime = runtime = Runtime(cfg, engines, self.clock, self._journal, self.stats)
         desk = runtime.desk
         unwindowed: list[str] = []

@@ -14,16 +14,37 @@ import numpy as np
 import numpy.typing as npt
 
 
+def _no_times() -> npt.NDArray[np.int64]:
+    return np.zeros(0, dtype=np.int64)
+
+
 @dataclass(frozen=True, slots=True)
 class Batch:
+    """The symbols of one inference and, row by row, their bar's read time, close time and close,
+    as arrays (sequences given are made arrays)."""
+
     symbols: npt.NDArray[np.int64]
-    ts_recv: list[int]
-    ts_event: list[int]
-    close: list[float]
-    ts_ready: list[int] = field(default_factory=list)  # when each bar was in its window (mono ns)
+    ts_recv: npt.NDArray[np.int64]
+    ts_event: npt.NDArray[np.int64]
+    close: npt.NDArray[np.float64]
+    # When each bar was in its window (mono ns); empty when not recorded.
+    ts_ready: npt.NDArray[np.int64] = field(default_factory=_no_times)
+
+    def __post_init__(self) -> None:
+        for name, dtype in _COLUMNS:
+            object.__setattr__(self, name, np.asarray(getattr(self, name), dtype=dtype))
 
     def __len__(self) -> int:
         return len(self.ts_recv)
+
+
+_COLUMNS = (
+    ("symbols", np.int64),
+    ("ts_recv", np.int64),
+    ("ts_event", np.int64),
+    ("close", np.float64),
+    ("ts_ready", np.int64),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +129,8 @@ class Batcher:
         self._waiting[symbols] = False
         return Batch(
             symbols=symbols,
-            ts_recv=self._ts_recv[symbols].tolist(),
-            ts_event=self._ts_event[symbols].tolist(),
-            close=self._close[symbols].tolist(),
-            ts_ready=self._ts_ready[symbols].tolist(),
+            ts_recv=self._ts_recv[symbols],
+            ts_event=self._ts_event[symbols],
+            close=self._close[symbols],
+            ts_ready=self._ts_ready[symbols],
         )

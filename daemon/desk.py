@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -296,9 +296,7 @@ class OrderDesk:
     # -- market data ----------------------------------------------------------------------
 
     def on_bar(self, symbol: str, ts: int, open_: float, close: float, prev_close: float | None) -> None:
-        events = self.risk.on_bar(symbol, ts, open_, close, prev_close)
-        for event in events:
-            self._record_halt(event, uid=None)
+        self._record_halts(self.risk.on_bar(symbol, ts, open_, close, prev_close))
 
     def on_bars(
         self,
@@ -309,10 +307,28 @@ class OrderDesk:
         prev_close: npt.NDArray[np.float64],
     ) -> None:
         """``on_bar`` for a minute's bars of distinct symbols (NaN ``prev_close``: none)."""
-        for event in self.risk.on_bars(idx, ts, open_, close, prev_close):
-            self._record_halt(event, uid=None)
+        self._record_halts(self.risk.on_bars(idx, ts, open_, close, prev_close))
+
+    def _record_halts(self, events: list[HaltEvent]) -> None:
+        """The halt rule's events of a read: journaled together, written before any is acted on
+        (a halt survives a restart) and fsynced without the minute waiting for the disk (the
+        batch's own sync, before its orders leave, is behind them in the file)."""
+        if not events:
+            return
+        synced = [event for event in events if self._journal_halt(event, uid=None)]
+        if synced:
+            self.journal.sync_soon()
+        for event in synced:
+            self._acted_on(event)
 
     def _record_halt(self, event: HaltEvent, uid: int | None, *, cancel: bool = True) -> None:
+        if self._journal_halt(event, uid):
+            self.journal.sync()
+            self._acted_on(event, cancel=cancel)
+
+    def _journal_halt(self, event: HaltEvent, uid: int | None) -> bool:
+        """Append the event's record; True for a change of state (synced, then acted on), False
+        for a reference price (journaled with the next sync)."""
         wall = self.clock.wall_ns()
         if event.action == "reference":
             self.journal.append(
@@ -320,7 +336,7 @@ class OrderDesk:
                     ts=wall, symbol=event.symbol, reason=event.reason, ts_event=event.ts, close=event.close
                 )
             )
-            return
+            return False
         record = rec.HALT_RECORDS[event.action](
             ts=wall,
             symbol=event.symbol,
@@ -331,7 +347,9 @@ class OrderDesk:
             uid=uid,
         )
         self.journal.append(record)
-        self.journal.sync()
+        return True
+
+    def _acted_on(self, event: HaltEvent, *, cancel: bool = True) -> None:
         self.halt_log.append(event)
         if event.action == "halt":
             self.stats.halts += 1
@@ -363,42 +381,52 @@ class OrderDesk:
         return self.risk.now()
 
     def on_signals(
-        self, batch: Batch, rows: Iterable[int], cls: list[int], conf: list[float], timing: BatchTiming | None = None
+        self,
+        batch: Batch,
+        rows: Iterable[int] | npt.NDArray[np.int64],
+        cls: Sequence[int] | npt.NDArray[np.int64],
+        conf: Sequence[float] | npt.NDArray[np.floating[Any]],
+        timing: BatchTiming | None = None,
     ) -> None:
+        """The batch's ``rows`` (their calls ``cls`` and confidences ``conf``, by batch row) to
+        gated, journaled orders on the wire."""
         started = self.clock.mono_ns()
         self._gross = self.risk.gross(self.book)
-        rows = list(rows)
-        if len(rows) >= self.batch_gates_from and self.orders.can_send():
-            self._signals_at_once(batch, rows, cls, conf)
+        at = rows.astype(np.int64, copy=False) if isinstance(rows, np.ndarray) else np.fromiter(rows, dtype=np.int64)
+        calls = np.asarray(cls, dtype=np.int64)
+        confidence = np.asarray(conf, dtype=np.float64)
+        if len(at) >= self.batch_gates_from and self.orders.can_send():
+            self._signals_at_once(batch, at, calls, confidence)
         else:
-            for row in rows:
-                self._signal(batch, row, cls[row], conf[row])
+            for row, c, p in zip(at.tolist(), calls[at].tolist(), confidence[at].tolist(), strict=True):
+                self._signal(batch, row, c, p)
         decided = self.clock.mono_ns()
         self.stats.gates.record(decided - started)
         self.orders.commit(timing, decided)
         self.stats.send.record(self.clock.mono_ns() - decided)
 
-    def _signals_at_once(self, batch: Batch, rows: list[int], cls: list[int], conf: list[float]) -> None:
+    def _signals_at_once(
+        self, batch: Batch, at: npt.NDArray[np.int64], cls: npt.NDArray[np.int64], conf: npt.NDArray[np.float64]
+    ) -> None:
         """``_signal`` for each row, with the policy and the gates over arrays. The orders the
         batch gates pass become one block: one journal record, one write, and ``Order``s in the
         book once they are on the wire. The rest are decided one by one, in their place, exactly
         as ``_signal`` would (the batch gates never pass an order the scalar gates would stop),
         each seeing the running totals (gross exposure, orders sent) as of its place."""
-        at = np.asarray(rows, dtype=np.int64)
         idx = batch.symbols[at]
         totals = self.book.exposure_totals
         assert totals is not None  # the desk indexed its book by the universe
         exposure = totals[idx]
-        cls_all = np.asarray(cls, dtype=np.int64)[at]
-        conf_all = np.asarray(conf, dtype=np.float64)[at]
-        intents = self.policy.intents(cls_all, conf_all, np.asarray(batch.close, dtype=np.float64)[at], exposure)
+        cls_all = cls[at]
+        conf_all = conf[at]
+        intents = self.policy.intents(cls_all, conf_all, batch.close[at], exposure)
         k = intents.rows
         if not len(k):
             return
         sym = idx[k]
         names: list[str] = self._names[sym].tolist()
         view = self.risk.batch_view(sym, names, exposure[k], self._gross, intents)
-        ts_event = np.asarray(batch.ts_event, dtype=np.int64)[at[k]]
+        ts_event = batch.ts_event[at[k]]
         orders = bg.BatchOrders(intents.side, intents.qty, intents.price, ts_event)
         go, _static, _stop = bg.passes(orders, self.risk.limits, view)
         change = np.where(go, bg.exposure_change(orders, view), 0.0)
@@ -408,7 +436,7 @@ class OrderDesk:
         if len(g):
             self.stats.orders_batch_gated += len(g)
             taken = at[k][g]
-            ready = np.asarray(batch.ts_ready, dtype=np.int64)[taken] if batch.ts_ready else np.zeros(len(g), np.int64)
+            ready = batch.ts_ready[taken] if len(batch.ts_ready) else np.zeros(len(g), np.int64)
             new = NewOrders(
                 self.orders.id_prefix,
                 self.orders.next_ids(len(g)),
@@ -423,7 +451,7 @@ class OrderDesk:
                 new,
                 [names[j] for j in g.tolist()],
                 ts_event[g],
-                np.asarray(batch.ts_recv, dtype=np.int64)[taken],
+                batch.ts_recv[taken],
                 ready,
                 cls_all[k][g].astype(np.int8),
                 confidence[g],
@@ -441,18 +469,18 @@ class OrderDesk:
                 counted = upto
             before = float(gross_at[j]) + extra
             self._gross = Gross(before, unpriced)
-            row = rows[int(k[j])]
+            row = int(at[k[j]])
             order = Order(
                 self.orders.next_id(),
                 names[j],
                 wire.Side.BUY if intents.side[j] > 0 else wire.Side.SELL,
                 int(intents.qty[j]),
                 float(intents.price[j]),
-                batch.ts_event[row],
-                batch.ts_recv[row],
-                ts_ready=batch.ts_ready[row] if batch.ts_ready else 0,
+                int(batch.ts_event[row]),
+                int(batch.ts_recv[row]),
+                ts_ready=int(batch.ts_ready[row]) if len(batch.ts_ready) else 0,
             )
-            signal, rounded = CLASS_NAMES[cls[row]], float(confidence[j])
+            signal, rounded = CLASS_NAMES[int(cls[row])], float(confidence[j])
             self.orders.intent(order, signal, rounded)
             self._decide(order, order.ts_event, review=True, signal=signal, confidence=rounded)
             extra += self._gross.value - before
@@ -463,7 +491,7 @@ class OrderDesk:
     def _signal(self, batch: Batch, row: int, cls: int, confidence: float) -> None:
         i = int(batch.symbols[row])
         symbol = self.symbols[i]
-        intent = self.policy.intent(cls, confidence, batch.close[row], self.book.exposure(symbol))
+        intent = self.policy.intent(cls, confidence, float(batch.close[row]), self.book.exposure(symbol))
         if intent is None:
             return
         self.stats.intents += 1
@@ -473,9 +501,9 @@ class OrderDesk:
             intent.side,
             intent.qty,
             intent.price,
-            batch.ts_event[row],
-            batch.ts_recv[row],
-            ts_ready=batch.ts_ready[row] if batch.ts_ready else 0,
+            int(batch.ts_event[row]),
+            int(batch.ts_recv[row]),
+            ts_ready=int(batch.ts_ready[row]) if len(batch.ts_ready) else 0,
         )
         self.orders.intent(order, CLASS_NAMES[cls], round(confidence, 4))
         self._decide(order, order.ts_event, review=True, signal=CLASS_NAMES[cls], confidence=round(confidence, 4))

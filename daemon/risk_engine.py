@@ -275,6 +275,8 @@ class RiskEngine:
         wall: int,
     ) -> None:
         """Orders sent together at ``wall``, as columns, for the duplicate window."""
+        if self.limits.duplicate_window_ns <= 0:
+            return
         sides = ["buy" if x > 0 else "sell" for x in side.tolist()]
         self._remember_same(zip(symbols, sides, qty.tolist(), price.tolist(), strict=True), wall)
 

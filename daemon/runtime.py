@@ -474,7 +474,7 @@ class Runtime:
         engine, bucket, buf = self.engines.input_buffer(n)
         self.windows.gather(batch.symbols, buf[:n])
         ts_start = self.clock.mono_ns()
-        self.stats.batch_wait.record_many(ts_start - np.asarray(batch.ts_recv, dtype=np.int64))
+        self.stats.batch_wait.record_many(ts_start - batch.ts_recv)
         self._inflight = _InFlight(batch, engine, bucket, ts_start)
         future = asyncio.get_running_loop().run_in_executor(self._executor, self.engines.run, engine, bucket, n)
         future.add_done_callback(self._on_inferred)
@@ -578,11 +578,11 @@ class Runtime:
         for k, name in enumerate(CLASS_NAMES):
             s.signals[name] += int(counts[k])
         called = np.flatnonzero(cls != HOLD)
-        closes = np.asarray(batch.close, dtype=np.float64)[called]
+        closes = batch.close[called]
         s.accuracy.signal_many(batch.symbols[called], np.where(cls[called] > HOLD, 1, -1), closes)
         rows = np.flatnonzero((cls != HOLD) & (conf >= self.config.signal.confidence_threshold))
         if len(rows):
-            self.desk.on_signals(batch, rows.tolist(), cls.tolist(), conf.tolist(), timing)
+            self.desk.on_signals(batch, rows, cls, conf, timing)
 
     def close(self, *, wait: bool = True) -> None:
         if self._timer is not None:

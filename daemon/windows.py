@@ -1,8 +1,9 @@
 """Per-symbol windows of the last W raw feature vectors, in one preallocated float32 [S, W, F].
 
-Each symbol's rows form a ring; ``gather`` writes the chronological windows of a batch straight
-into the engine's input buffer with one ``np.take`` and normalises them there in place (the
-manifest's z-score and clip), so a batch costs one copy however many symbols it holds.
+Each symbol's rows form a ring. Each row is also kept normalised (the manifest's z-score and
+clip), twice: at its place in the ring and W rows after it, so that the window that begins at
+any head is W consecutive rows, and ``gather`` copies each symbol's window as one block into the
+engine's input buffer, with no per-row index arithmetic.
 
 A bar whose features are not all finite is refused, never written: one inf or nan in a window
 would poison every batch that symbol joins for the next W minutes.
@@ -17,7 +18,7 @@ import msgspec
 import numpy as np
 import numpy.typing as npt
 
-from engines.features import feature_columns, feature_row_fn
+from engines.features import feature_matrix, feature_row_fn
 from engines.manifest import Feature
 
 IntArray = npt.NDArray[np.int64]
@@ -38,6 +39,11 @@ class Push(Enum):
 PUSH_CODES = (Push.ADDED, Push.NOT_AFTER_LAST, Push.NON_FINITE)  # push_many's codes
 
 
+def _as_rows(a: npt.NDArray[np.float32]) -> npt.NDArray[np.void]:
+    """A C-contiguous [n, F] array seen as n items of F floats (a view, no copy)."""
+    return a.view(np.dtype((np.void, a.shape[1] * a.itemsize))).reshape(-1)
+
+
 class FeatureWindows:
     def __init__(self, symbols: tuple[str, ...], window: int, features: tuple[Feature, ...]) -> None:
         n, f = len(symbols), len(features)
@@ -45,12 +51,10 @@ class FeatureWindows:
         self.window = window
         self.index: dict[str, int] = {s: i for i, s in enumerate(symbols)}
         self.buf = np.zeros((n, window, f), dtype=np.float32)
-        # The same rows normalised (the manifest's z-score and clip), made once per bar, so a
-        # batch's gather is one copy.
-        self._norm = np.empty((n, window, f), dtype=np.float32)
-        self._flat = self._norm.reshape(n * window, f)
-        self._head = np.zeros(n, dtype=np.int64)  # next row to write, per symbol
-        self._offsets = np.arange(window, dtype=np.int64)
+        # The same rows normalised, made once per bar, each at ring place k and k + W: the
+        # window beginning at head h (the oldest row) is rows h .. h + W - 1.
+        self._norm = np.empty((n, 2 * window, f), dtype=np.float32)
+        self._head = np.zeros(n, dtype=np.int64)  # next row to write, per symbol: the oldest
         # Per symbol, as arrays so a whole minute is taken at once (``push_many``).
         self.count = np.zeros(n, dtype=np.int64)  # bars accepted
         self.last_ts = np.full(n, -(1 << 63), dtype=np.int64)
@@ -61,6 +65,14 @@ class FeatureWindows:
         self._mean = np.array([x.norm.mean for x in features], dtype=np.float32)
         self._inv_std = np.array([1.0 / x.norm.std for x in features], dtype=np.float32)
         self._clip = np.array([x.norm.clip for x in features], dtype=np.float32)
+        # The same as columns, for ``push_many``'s [F, n] features; and the raw rows flat.
+        self._mean_col, self._inv_std_col = self._mean[:, None], self._inv_std[:, None]
+        self._clip_col, self._low_col = self._clip[:, None], -self._clip[:, None]
+        # Each window row as one opaque item: writing whole rows by index is one plain copy each.
+        self._raw_rows = _as_rows(self.buf.reshape(n * window, f))
+        self._norm_rows = _as_rows(self._norm.reshape(n * 2 * window, f))
+        # Every run of W rows (of one item each) as a row of a [.., W] view: a window, by its start.
+        self._windows = np.lib.stride_tricks.sliding_window_view(self._norm_rows, window)
         self._norm[:] = self._normalised(self.buf[0, 0] if n else np.zeros(f, dtype=np.float32))
 
     def push(
@@ -86,7 +98,7 @@ class FeatureWindows:
             return Push.NON_FINITE
         head = int(self._head[i])
         self.buf[i, head] = row
-        self._norm[i, head] = self._normalised(self.buf[i, head])
+        self._norm[i, head] = self._norm[i, head + self.window] = self._normalised(self.buf[i, head])
         self._head[i] = (head + 1) % self.window
         self.count[i] += 1
         self.last_ts[i] = ts
@@ -105,23 +117,42 @@ class FeatureWindows:
         prev_close: FloatArray,
     ) -> npt.NDArray[np.uint8]:
         """``push`` over one bar each of distinct symbols ``idx`` (NaN ``prev_close``: none), at
-        once; per bar a ``PUSH_CODES`` index: 0 added, else why not (as ``push`` says)."""
-        codes = np.zeros(len(idx), dtype=np.uint8)
-        codes[ts <= self.last_ts[idx]] = 1
-        known = self.count[idx] > 0
-        pc = np.where(known, self.last_close[idx], np.where(np.isnan(prev_close), 0.0, prev_close))
-        rows = feature_columns(self.feature_names, o, h, lo, c, v, pc)
-        codes[(codes == 0) & ~np.isfinite(rows.sum(axis=1))] = 2
-        add = codes == 0
-        at = idx[add]
-        head = self._head[at]
-        added = rows[add]
-        self.buf[at, head] = added
-        self._norm[at, head] = self._normalised(added)
-        self._head[at] = (head + 1) % self.window
-        self.count[at] += 1
-        self.last_ts[at] = ts[add]
-        self.last_close[at] = c[add]
+        once; per bar a ``PUSH_CODES`` index: 0 added, else why not (as ``push`` says). The
+        features are worked on a feature to a row ([F, n]), where each step is one contiguous
+        pass; rows of bars only at the two writes."""
+        n = len(idx)
+        count = self.count[idx]
+        known = count > 0
+        pc = self.last_close[idx]
+        if not known.all():
+            pc = np.where(known, pc, np.where(np.isnan(prev_close), 0.0, prev_close))
+        features = feature_matrix(self.feature_names, o, h, lo, c, v, pc)
+        codes = np.zeros(n, dtype=np.uint8)
+        stale = ts <= self.last_ts[idx]
+        # One inf or nan makes the sum non-finite (finite features are logs, far from overflow).
+        bad = ~np.isfinite(features.sum(axis=0))
+        if stale.any() or bad.any():
+            codes[bad] = 2
+            codes[stale] = 1  # as ``push``: a bar not after the last is that, whatever its values
+            add = codes == 0
+            idx, ts, c, count, features = idx[add], ts[add], c[add], count[add], features[:, add]
+        raw = features.astype(np.float32)
+        norm = (raw - self._mean_col) * self._inv_std_col
+        np.maximum(norm, self._low_col, out=norm)  # np.clip, in two cheaper passes
+        np.minimum(norm, self._clip_col, out=norm)
+        head = self._head[idx]
+        w = self.window
+        self._raw_rows[idx * w + head] = _as_rows(np.ascontiguousarray(raw.T))
+        rows = idx * (2 * w) + head
+        normalised = _as_rows(np.ascontiguousarray(norm.T))
+        self._norm_rows[rows] = normalised
+        self._norm_rows[rows + w] = normalised
+        head += 1
+        head[head == self.window] = 0
+        self._head[idx] = head
+        self.count[idx] = count + 1
+        self.last_ts[idx] = ts
+        self.last_close[idx] = c
         return codes
 
     def _normalised(self, rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -163,9 +194,10 @@ class FeatureWindows:
         """Write the normalised windows of ``symbols`` (oldest bar first) into ``out`` [n, W, F]."""
         n = len(symbols)
         w = self.window
-        rows = (symbols[:, None] * w + (self._head[symbols][:, None] + self._offsets) % w).ravel()
-        flat_out = out.reshape(n * w, out.shape[2])
-        np.take(self._flat, rows, axis=0, out=flat_out)
+        if not out.flags.c_contiguous:
+            raise ValueError("gather writes into a C-contiguous [n, W, F] buffer")
+        starts = symbols * (2 * w) + self._head[symbols]
+        _as_rows(out.reshape(n * w, out.shape[2])).reshape(n, w)[...] = self._windows[starts]
 
     def window_of(self, i: int) -> npt.NDArray[np.float32]:
         """A normalised copy of one symbol's window (for tools and tests, not the hot path)."""
@@ -200,7 +232,7 @@ class FeatureWindows:
             if i is None:
                 continue
             self.buf[i] = buf[j]
-            self._norm[i] = self._normalised(buf[j])
+            self._norm[i] = np.concatenate([self._normalised(buf[j])] * 2)
             self._head[i] = head[j]
             self.count[i] = state.count[j]
             self.last_ts[i] = state.last_ts[j]

@@ -89,6 +89,49 @@ def feature_row_fn(names: tuple[str, ...]) -> Callable[..., list[float]]:
     return row
 
 
+_MATRIX_ROWS = {name: k for k, name in enumerate(DEFAULT_FEATURES)}  # feature_matrix's rows
+
+
+def feature_matrix(
+    names: tuple[str, ...],
+    o: npt.NDArray[np.float64],
+    h: npt.NDArray[np.float64],
+    lo: npt.NDArray[np.float64],
+    c: npt.NDArray[np.float64],
+    v: npt.NDArray[np.float64],
+    pc: npt.NDArray[np.float64],
+) -> npt.NDArray[np.float64]:
+    """The vector form, one row per feature: [F, n] float64, bar k's features in column k,
+    each bar with its own previous close ``pc`` (0 where there is none, making the return 0 as
+    the scalar form does). A feature's row is contiguous, so whole-row arithmetic is cheap."""
+    unknown = [name for name in names if name not in _MATRIX_ROWS]
+    if unknown:
+        raise KeyError(f"unknown features {unknown}; known: {sorted(_MATRIX_ROWS)}")
+    n = len(c)
+    out = np.empty((len(DEFAULT_FEATURES), n), dtype=np.float64)
+    with np.errstate(all="ignore"):  # as the scalar form: inf or nan where a log is undefined
+        # Five of the six are logs of ratios: one division and one log over a [5, n] block.
+        den = np.empty((5, n), dtype=np.float64)
+        has_prev = pc > 0.0
+        out[0], den[0] = c, np.where(has_prev, pc, 1.0)
+        out[1], den[1] = h, lo
+        out[2], den[2] = c, o
+        # Python's max(o, c) and min(o, c), NaN included: o unless c compares past it.
+        out[3] = h
+        den[3] = np.where(c > o, c, o) + 0.0
+        out[4] = np.where(c < o, c, o) + 0.0
+        den[4] = lo
+        logs = out[:5]
+        np.divide(logs, den, out=logs)
+        np.log(logs, out=logs)
+        if not has_prev.all():
+            logs[0][~has_prev] = 0.0
+        np.log1p(v, out=out[5])
+    if names == DEFAULT_FEATURES:
+        return out
+    return out[[_MATRIX_ROWS[name] for name in names]]
+
+
 def feature_columns(
     names: tuple[str, ...],
     o: npt.NDArray[np.float64],
@@ -98,39 +141,8 @@ def feature_columns(
     v: npt.NDArray[np.float64],
     pc: npt.NDArray[np.float64],
 ) -> FloatArray:
-    """The vector form: one row of features per bar, each with its own previous close ``pc``
-    (0 where there is none, making the return 0 as the scalar form does) -> [n, F] float32."""
-    n = len(c)
-    with np.errstate(all="ignore"):  # as the scalar form: inf or nan where a log is undefined
-        # Five of the six are logs of ratios: one division and one log over a [5, n] array.
-        num = np.empty((5, n), dtype=np.float64)
-        den = np.empty((5, n), dtype=np.float64)
-        has_prev = pc > 0.0
-        num[0], den[0] = c, np.where(has_prev, pc, 1.0)
-        num[1], den[1] = h, lo
-        num[2], den[2] = c, o
-        # Python's max(o, c) and min(o, c), NaN included: o unless c compares past it.
-        num[3] = h
-        den[3] = np.where(c > o, c, o) + 0.0
-        num[4] = np.where(c < o, c, o) + 0.0
-        den[4] = lo
-        logs = np.log(num / den)
-        logs[0][~has_prev] = 0.0
-        cols = {
-            "log_return": logs[0],
-            "log_range": logs[1],
-            "log_body": logs[2],
-            "upper_wick": logs[3],
-            "lower_wick": logs[4],
-            "log_volume": np.log1p(v),
-        }
-    unknown = [name for name in names if name not in cols]
-    if unknown:
-        raise KeyError(f"unknown features {unknown}; known: {sorted(cols)}")
-    out = np.empty((n, len(names)), dtype=np.float32)
-    for k, name in enumerate(names):
-        out[:, k] = cols[name]
-    return out
+    """``feature_matrix`` as rows of bars: [n, F] float32."""
+    return np.ascontiguousarray(feature_matrix(names, o, h, lo, c, v, pc).T, dtype=np.float32)
 
 
 def feature_array(names: tuple[str, ...], ohlcv: npt.NDArray[np.float64]) -> FloatArray:

@@ -35,7 +35,7 @@ def test_every_added_symbol_is_taken_once_per_wait_in_arrival_order(
             batch = batcher.take()
             assert len(batch) <= max_batch
             assert list(batch.symbols) == waiting[:max_batch]
-            assert batch.close == [
+            assert batch.close.tolist() == [
                 1.0 + max(k for k, r in enumerate(adds[: step + 1]) if r % n_symbols == i) for i in waiting[:max_batch]
             ]
             taken.extend(batch.symbols.tolist())
@@ -64,5 +64,5 @@ def test_take_keeps_the_rest_waiting_with_their_own_deadline() -> None:
         batcher.add(i, ts_recv=ts, ts_event=1, close=1.0)
     assert batcher.take().symbols.tolist() == [0, 1]
     assert batcher.deadline_ns() == 800
-    assert batcher.take().ts_recv == [300]
+    assert batcher.take().ts_recv.tolist() == [300]
     assert batcher.deadline_ns() is None

@@ -6,8 +6,10 @@ daemon trades on the next minute instead of warming up again."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -357,3 +359,67 @@ def test_a_snapshot_keeps_the_duplicate_window_across_a_clean_restart(tmp_path: 
     second = OrderDesk(config, _windows(), clock, Journal(tmp_path / "b", "none"), Stats())
     second.load(first.snapshot())
     assert second.risk.recent_same() == [("AAA", "buy", 10, 100.0, clock.wall_ns())]
+
+
+def test_sync_soon_writes_at_once_and_fsyncs_on_the_journal_thread(tmp_path: Path) -> None:
+    path = tmp_path / "journal.msgpack"
+    journal = Journal(path, "batch")
+    journal.append(rec.Send(ts=1, id="halted-before-crash"))
+    journal.sync_soon()
+    # In the file before anything else happens (a process crash loses nothing)...
+    assert [r["id"] for r in read_journal(path) if r["kind"] == "send"] == ["halted-before-crash"]
+    flusher = journal._flusher
+    assert flusher is not None and flusher.is_alive()
+    # ...and a later batch sync, rotation and close still work behind it.
+    journal.append(rec.Send(ts=2, id="next-batch"))
+    journal.sync()
+    journal.rotate(3)
+    assert not flusher.is_alive()
+    journal.append(rec.Send(ts=4, id="after-rotate"))
+    journal.sync_soon()
+    journal.close()
+    assert journal._flusher is None
+    assert [r["id"] for r in read_journal(path) if r["kind"] == "send"] == [
+        "halted-before-crash",
+        "next-batch",
+        "after-rotate",
+    ]
+
+
+def test_sync_soon_when_the_background_fsync_fails_fails_the_journal_and_says_so(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.msgpack", "batch")
+    failures: list[JournalError] = []
+    told = threading.Event()
+
+    def on_error(error: JournalError) -> None:
+        failures.append(error)
+        told.set()
+
+    journal.on_background_error = on_error
+    # A pipe takes the write and refuses the fsync (EINVAL), as a failing disk would refuse it.
+    read_end, write_end = os.pipe()
+    real_fd, journal._fd = journal._fd, write_end
+    try:
+        journal.append(rec.Send(ts=1, id="x"))
+        journal.sync_soon()
+        assert told.wait(5.0)
+        assert "fsync" in str(failures[0])
+        with pytest.raises(JournalError):
+            journal.append(rec.Send(ts=2, id="y"))  # nothing more is trusted to this journal
+        with pytest.raises(JournalError):
+            journal.sync()
+    finally:
+        journal._fd = real_fd
+        os.close(read_end)
+        os.close(write_end)
+        journal.close()
+
+
+def test_sync_soon_under_fsync_always_or_none_is_sync(tmp_path: Path) -> None:
+    for policy in ("always", "none"):
+        journal = Journal(tmp_path / f"{policy}.msgpack", policy)
+        journal.append(rec.Send(ts=1, id="x"))
+        journal.sync_soon()
+        assert journal._flusher is None
+        assert [r["id"] for r in read_journal(tmp_path / f"{policy}.msgpack") if r["kind"] == "send"] == ["x"]
+        journal.close()

@@ -117,7 +117,8 @@ def test_batcher_add_many_when_adding_minutes_queues_as_add_does(minutes: list[l
         assert full_one == full_many and one.superseded == many.superseded and len(one) == len(many)
         if m % 2:
             a, b = one.take(), many.take()
-            assert a.symbols.tolist() == b.symbols.tolist() and a.ts_recv == b.ts_recv and a.close == b.close
+            assert a.symbols.tolist() == b.symbols.tolist() and a.ts_recv.tolist() == b.ts_recv.tolist()
+            assert a.close.tolist() == b.close.tolist() and a.ts_ready.tolist() == b.ts_ready.tolist()
 
 
 def test_halt_rule_on_bars_when_a_symbol_moves_too_far_halts_as_on_bar() -> None:
