@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
@@ -66,12 +67,21 @@ class _Working:
     status: wire.ExecStatus = wire.ExecStatus.NEW
 
 
+# Messages handled per turn of the event loop: between turns the loop reads the socket again, so
+# a read is stamped when it arrives, not after the simulator's work on the reads before it.
+MESSAGES_PER_TURN = 32
+
+
 class _SimProtocol(asyncio.Protocol):
     def __init__(self, sim: BrokerSimulator) -> None:
         self._sim = sim
         self._reader = FrameReader(sim.config.max_frame_bytes)
         self._transport: asyncio.Transport | None = None
         self._packer = msgpack.Packer()
+        self._backlog: deque[tuple[bytes, int]] = deque()  # reads not yet handled, with their stamps
+        self._current: Iterator[object] | None = None  # the messages of the read being handled
+        self._current_ts = 0
+        self._scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -81,6 +91,7 @@ class _SimProtocol(asyncio.Protocol):
         self._sim._live.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._work(None)  # what arrived before the connection went is received all the same
         self._transport = None
         self._sim._live.discard(self)
 
@@ -91,15 +102,37 @@ class _SimProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         # Received when the bytes were read: once per read, as the daemon stamps its feed (a
         # stamp per message would charge the simulator's own work on the read's earlier
-        # messages to the later ones).
-        ts_recv = time.time_ns()
-        try:
-            for obj in self._reader.feed(data):
-                self._sim._handle(self, wire.decode(obj), ts_recv)
-        except FrameError:
-            self._sim.malformed += 1
-            if self._transport is not None:
-                self._transport.abort()
+        # messages to the later ones), and handled a slice per turn of the loop.
+        self._backlog.append((data, time.time_ns()))
+        if not self._scheduled:
+            self._work(MESSAGES_PER_TURN)
+
+    def _work(self, most: int | None) -> None:
+        """Handle up to ``most`` messages (None: all that have been read); the rest next turn."""
+        self._scheduled = False
+        done = 0
+        while most is None or done < most:
+            if self._current is None:
+                if not self._backlog:
+                    return
+                data, self._current_ts = self._backlog.popleft()
+                self._current = self._reader.feed(data)
+            try:
+                obj = next(self._current)
+            except StopIteration:
+                self._current = None
+                continue
+            except FrameError:
+                self._current = None
+                self._backlog.clear()
+                self._sim.malformed += 1
+                if self._transport is not None:
+                    self._transport.abort()
+                return
+            self._sim._handle(self, wire.decode(obj), self._current_ts)
+            done += 1
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._work, MESSAGES_PER_TURN)
 
     def send(self, report: wire.ExecReport | wire.Heartbeat | wire.Status) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -478,6 +478,9 @@ class Runtime:
         self._inflight = _InFlight(batch, engine, bucket, ts_start)
         future = asyncio.get_running_loop().run_in_executor(self._executor, self.engines.run, engine, bucket, n)
         future.add_done_callback(self._on_inferred)
+        # The batch's bars reach the file while it infers, and the disk on the journal's thread:
+        # the sync before its orders leave then has only their own records left to flush.
+        self.journal.sync_soon()
 
     def _on_inferred(self, future: asyncio.Future[Outcome]) -> None:
         back = self.clock.mono_ns()

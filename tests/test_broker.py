@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from pathlib import Path
 
 import msgpack
@@ -15,7 +16,7 @@ from broker.client import REPORTS_PER_TURN, GatewayClient
 from broker.errors import IllegalTransitionError, JournalError
 from broker.orders import Order, OrderBook, OrderState, Refusal
 from broker.reconnect import Backoff
-from broker.sim import BrokerSimulator, SimConfig, read_orders
+from broker.sim import MESSAGES_PER_TURN, BrokerSimulator, SimConfig, _SimProtocol, read_orders
 from tests.helpers import wait_for
 
 
@@ -411,4 +412,30 @@ async def test_simulator_stamps_its_receipt_once_per_read(tmp_path: Path) -> Non
     assert len({o["ts_recv"] for o in read_orders(tmp_path / "orders.jsonl")}) == 1
     client.stop()
     await task
+    await sim.close()
+
+
+async def test_simulator_handles_a_read_a_slice_per_turn_so_later_reads_are_stamped_as_they_come(
+    tmp_path: Path,
+) -> None:
+    """A read of many orders is handled MESSAGES_PER_TURN at a time, with the loop free to read
+    (and stamp) the socket between slices; every order is still handled, in order."""
+    sim = BrokerSimulator(SimConfig(), tmp_path / "orders.jsonl")
+    protocol = _SimProtocol(sim)
+    ours, theirs = socket.socketpair()
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, ours)
+    packer = msgpack.Packer()
+    first = b"".join(
+        packer.pack(wire.encode(wire.NewOrder(f"A{k}", "AAA", wire.Side.BUY, 1, 10.0, ts=1))) for k in range(100)
+    )
+    protocol.data_received(first)
+    assert len(sim.received) == MESSAGES_PER_TURN  # the rest waits for later turns
+    protocol.data_received(packer.pack(wire.encode(wire.NewOrder("B0", "AAA", wire.Side.BUY, 1, 10.0, ts=1))))
+    assert len(sim.received) == MESSAGES_PER_TURN  # read now, handled after the first read's rest
+    await wait_for(lambda: len(sim.received) == 101, what="every order")
+    assert [o.cl_ord_id for o in sim.received] == [f"A{k}" for k in range(100)] + ["B0"]
+    stamps = [o["ts_recv"] for o in read_orders(tmp_path / "orders.jsonl")]
+    assert len(set(stamps[:100])) == 1 and stamps[100] >= stamps[0]
+    transport.close()
+    theirs.close()
     await sim.close()
