@@ -68,6 +68,7 @@ class Options:
     feed: str = "msgpack"  # or "dbn"
     fsync: str = "batch"  # the journal's fsync policy (the daemon's default)
     max_delay_us: int = 1000  # batch.max_delay_us (0: a batch starts whenever the engine is free)
+    switch_interval_us: int = 500  # process.switch_interval_us (the daemon's default)
 
 
 @dataclass
@@ -329,6 +330,8 @@ path = "{journal}"
 fsync = "{o.fsync}"
 [log]
 level = "error"
+[process]
+switch_interval_us = {o.switch_interval_us}
 """
     )
     daemon = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measured run
@@ -464,6 +467,7 @@ def summary(report: Report) -> dict[str, Any]:
         "feed": o["feed"],
         "fsync": o["fsync"],
         "max_delay_us": o.get("max_delay_us", 1000),
+        "switch_interval_us": o.get("switch_interval_us", 500),
         "symbols": 1 if o["scenario"] == "steady" else o["symbols"],
         "minutes": o["minutes"],
         "t2o_us": {
@@ -563,6 +567,13 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="the daemon's batch.max_delay_us (0: each batch starts as soon as the engine is free)",
     )
+    parser.add_argument(
+        "--switch-interval-us",
+        type=int,
+        default=500,
+        help="the daemon's process.switch_interval_us: how long the event loop may hold the GIL while the"
+        " inference thread waits for it",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (the summary) on stdout")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path)
@@ -582,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         feed=args.feed,
         fsync=args.fsync,
         max_delay_us=args.max_delay_us,
+        switch_interval_us=args.switch_interval_us,
     )
     runs: list[dict[str, Any]] = []
     for _ in range(max(1, args.runs)):

@@ -12,6 +12,8 @@ Points:
 - ``mid_reconcile``: part of the broker's status has been applied.
 - ``journal_torn``: half of a journal record is on disk (a torn write).
 - ``journal_eio``: a journal write fails with EIO (the process is not killed: it must fail-stop).
+- ``journal_fsync_eio``: a fsync on the journal's own thread (``Journal.sync_soon``) fails with
+  EIO: the event loop must learn of it and fail-stop.
 - ``snapshot_torn``: half of a snapshot's temporary file is on disk.
 - ``snapshot_written``: the snapshot is in place and the active segment not yet sealed.
 - ``segment_sealed``: the active segment is sealed and the next one not yet begun.
@@ -33,6 +35,7 @@ POINTS = frozenset(
         "mid_reconcile",
         "journal_torn",
         "journal_eio",
+        "journal_fsync_eio",
         "snapshot_torn",
         "snapshot_written",
         "segment_sealed",

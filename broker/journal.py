@@ -148,7 +148,7 @@ class Journal:
     def sync_soon(self) -> None:
         """``sync`` without waiting for the disk (under ``batch``): the records are written now
         and fsynced on the journal's flusher thread; under ``none`` and ``always`` as ``sync``."""
-        if self.fsync != "batch" or CRASH.armed:
+        if self.fsync != "batch":
             self.sync()
             return
         if self.failed is not None:
@@ -178,6 +178,8 @@ class Journal:
                 if self._closing or self._fd < 0:
                     return
                 try:
+                    if CRASH.armed and CRASH.due("journal_fsync_eio"):
+                        raise CRASH.io_error("journal_fsync_eio")
                     os.fsync(self._fd)
                 except OSError as exc:
                     self.failed = error = JournalError(str(self.path), "fsync", exc)

@@ -185,3 +185,14 @@ def test_sigterm_during_an_inference_that_never_returns_exits_70_within_the_dead
     assert daemon.wait(timeout=60) == EX_SOFTWARE
     assert time.monotonic() - asked < 10.0
     assert "shutdown_deadline" in log.read_text()
+
+
+def test_a_failed_fsync_on_the_journal_thread_fail_stops_the_daemon(tmp_path: Path, peers: tuple[int, int]) -> None:
+    """The journal fsyncs a batch's bars (and halts) on its own thread while the loop goes on: a
+    failure there reaches the event loop and stops the daemon as a failed write would."""
+    feed_port, broker_port = peers
+    config, log = _config(tmp_path, feed_port, broker_port), tmp_path / "daemon.log"
+    daemon = _run(config, log, crash_at="journal_fsync_eio")
+    assert daemon.wait(timeout=120) == EX_SOFTWARE
+    text = log.read_text()
+    assert '"event":"fail_stop"' in text and "injected I/O error at crash point journal_fsync_eio" in text
