@@ -80,10 +80,12 @@ async def _measure(n: int, reps: int, fsync: str, one_by_one: bool) -> dict[str,
         for rep in range(reps + 1):
             ts = clock.wall_ns()
             mono = clock.mono_ns()
-            batch = Batch(np.arange(n, dtype=np.int64), [mono] * n, [ts] * n, [100.0] * n, [mono] * n)
-            cls = [2 if (i + rep) % 2 else 0 for i in range(n)]  # every signal flips the position
+            times = np.full(n, mono, dtype=np.int64)
+            batch = Batch(np.arange(n, dtype=np.int64), times, np.full(n, ts), np.full(n, 100.0), times)
+            cls = np.where((np.arange(n) + rep) % 2, 2, 0)  # every signal flips the position
             timing = BatchTiming(mono, mono, 1000, n, 8192)
-            desk.on_signals(batch, range(n), cls, [0.9] * n, timing)
+            # As the runtime hands them on: the rows, calls and confidences as arrays.
+            desk.on_signals(batch, np.arange(n), cls, np.full(n, 0.9, dtype=np.float32), timing)
             t = time.perf_counter_ns()
             _ = desk.book.working  # whatever reads the book next books what was sent
             booked = time.perf_counter_ns() - t

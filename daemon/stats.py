@@ -57,7 +57,9 @@ class LatencyRecorder:
         self.count = 0
         self.sum_ns = 0
         self.max_ns = 0
-        self._samples = np.zeros(capacity, dtype=np.int64)
+        # Written through now (np.full, not calloc's untouched pages), so a fresh daemon's first
+        # minutes do not page-fault their way through the samples on the hot path.
+        self._samples = np.full(capacity, 0, dtype=np.int64)
 
     def record(self, ns: int) -> None:
         self.buckets[bisect.bisect_left(self.bounds_ns, ns)] += 1
@@ -195,7 +197,7 @@ class OrderStages:
     """
 
     def __init__(self, capacity: int = 1 << 18) -> None:
-        self._rows = np.zeros((capacity, len(STAGES)), dtype=np.int64)
+        self._rows = np.full((capacity, len(STAGES)), 0, dtype=np.int64)  # touched now, as LatencyRecorder's
         self.count = 0
 
     def record(self, ts_recv: int, ts_ready: int, timing: Any, decided: int, synced: int, sent: int) -> None:

@@ -84,6 +84,23 @@ def test_frames_when_encoded_in_one_buffer_decode_to_the_maps_of_one_by_one(
     assert [wire.decode(f) for f in frames] == one_by_one
 
 
+@pytest.mark.parametrize("first", [0, 9_995, 99_999_995, 10**12 - 3, 10**18 - 5])
+def test_frames_when_order_numbers_gain_a_digit_mid_batch_spell_every_id(first: int) -> None:
+    n = 10
+    orders = NewOrders(
+        "p",
+        first,
+        SYMBOLS,
+        np.zeros(n, dtype=np.int64),
+        np.ones(n, dtype=np.int8),
+        np.ones(n, dtype=np.int64),
+        np.full(n, 1.5),
+        T,
+    )
+    ids = sorted(str(f["cl_ord_id"]) for f in _frames(FrameEncoder(SYMBOLS).encode(orders)))
+    assert ids == sorted(f"p-{first + k}" for k in range(n))
+
+
 @pytest.mark.parametrize("n", [15, 16, 65535, 65536])
 def test_frames_when_the_batch_crosses_a_msgpack_array_size_class_still_come_apart(n: int) -> None:
     universe = tuple(f"U{i}" for i in range(n))
