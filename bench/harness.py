@@ -69,6 +69,7 @@ class Options:
     fsync: str = "batch"  # the journal's fsync policy (the daemon's default)
     max_delay_us: int = 1000  # batch.max_delay_us (0: a batch starts whenever the engine is free)
     switch_interval_us: int = 500  # process.switch_interval_us (the daemon's default)
+    pin: bool = False  # the daemon on CPUs 1.., the harness and broker simulator on CPU 0
 
 
 @dataclass
@@ -286,8 +287,22 @@ def admin_status(sock: Path) -> dict[str, Any] | None:
     return reply.get("result") if reply.get("ok") else None
 
 
+def _pinning(o: Options) -> tuple[set[int], set[int]] | None:
+    """(the harness's and broker simulator's CPUs, the daemon's), or None when not pinning."""
+    if not o.pin:
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    return {cpus[0]}, set(cpus[1:])
+
+
 async def run(o: Options, work: Path) -> Report:
     names, minutes = _plan(o)
+    pinning = _pinning(o)
+    unpinned = os.sched_getaffinity(0)
+    if pinning is not None:
+        os.sched_setaffinity(0, pinning[0])  # the feed, and the broker simulator it starts
     driver = Driver(o, minutes)
     server = await asyncio.start_server(driver.serve, "127.0.0.1", 0)
     feed_port = server.sockets[0].getsockname()[1]
@@ -334,8 +349,11 @@ level = "error"
 switch_interval_us = {o.switch_interval_us}
 """
     )
+    daemon_cpus = pinning[1] if pinning is not None else None
     daemon = subprocess.Popen(  # noqa: ASYNC220 - started once, before the measured run
-        [sys.executable, "-m", "daemon", "run", "--config", str(config), "--loop", o.loop], stderr=log
+        [sys.executable, "-m", "daemon", "run", "--config", str(config), "--loop", o.loop],
+        stderr=log,
+        preexec_fn=(lambda: os.sched_setaffinity(0, daemon_cpus)) if daemon_cpus else None,  # noqa: PLW1509
     )
     driver.daemon_pid = daemon.pid
     started = time.monotonic()
@@ -367,6 +385,7 @@ switch_interval_us = {o.switch_interval_us}
         broker.wait(timeout=10)
         server.close()
         log.close()
+        os.sched_setaffinity(0, unpinned)
     wall = time.monotonic() - started
 
     bar_of = {r["id"]: (r["symbol"], r["ts_event"]) for r in per_order(read_journal(journal)) if r["kind"] == "intent"}
@@ -468,6 +487,7 @@ def summary(report: Report) -> dict[str, Any]:
         "fsync": o["fsync"],
         "max_delay_us": o.get("max_delay_us", 1000),
         "switch_interval_us": o.get("switch_interval_us", 500),
+        "pinned": o.get("pin", False),
         "symbols": 1 if o["scenario"] == "steady" else o["symbols"],
         "minutes": o["minutes"],
         "t2o_us": {
@@ -574,6 +594,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the daemon's process.switch_interval_us: how long the event loop may hold the GIL while the"
         " inference thread waits for it",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the daemon on CPUs 1.. and the harness's feed and broker simulator on CPU 0 (as the service's"
+        " CPUAffinity= keeps the daemon off the cores its peers use); default: all share every CPU",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (the summary) on stdout")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--md-out", type=Path)
@@ -594,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         fsync=args.fsync,
         max_delay_us=args.max_delay_us,
         switch_interval_us=args.switch_interval_us,
+        pin=args.pin,
     )
     runs: list[dict[str, Any]] = []
     for _ in range(max(1, args.runs)):

@@ -259,15 +259,13 @@ class Runtime:
         if not ok.all():
             self._reject_many(codes, cols, CHECK_REASONS)
         at = np.flatnonzero(ok)
-        o, h, lo, c, v, prev = (
-            cols.open[at],
-            cols.high[at],
-            cols.low[at],
-            cols.close[at],
-            cols.volume[at],
-            cols.prev_close[at],
-        )
-        ts = cols.ts[at]
+        if len(at) == n:  # the usual read: every bar passed, and the columns serve as they are
+            o, h, lo, c, v, prev, ts = cols.open, cols.high, cols.low, cols.close, cols.volume, cols.prev_close, cols.ts
+        else:
+            o, h, lo, c, v, prev = (
+                x[at] for x in (cols.open, cols.high, cols.low, cols.close, cols.volume, cols.prev_close)
+            )
+            ts = cols.ts[at]
         pushed = self.windows.push_many(candidates, ts, o, h, lo, c, v, prev)
         added = pushed == 0
         if not added.all():
