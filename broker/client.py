@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import msgpack
@@ -12,7 +11,7 @@ import msgpack
 from broker import protocol as wire
 from broker.bulk import FrameEncoder, NewOrders
 from broker.errors import FrameError
-from broker.framing import FrameReader
+from broker.framing import ReadBacklog
 from broker.reconnect import Backoff, ClosingProtocol, keep_connected
 
 
@@ -49,11 +48,8 @@ class _GatewayProtocol(ClosingProtocol):
     def __init__(self, client: GatewayClient) -> None:
         super().__init__()
         self._client = client
-        self._reader = FrameReader(client.max_frame_bytes)
+        self._reads: ReadBacklog[float] = ReadBacklog(client.max_frame_bytes)  # stamped by loop time
         self._transport: asyncio.Transport | None = None
-        self._backlog: deque[tuple[float, bytes]] = deque()  # (loop time read, bytes) not yet parsed
-        self._current: Iterator[object] | None = None  # the messages of the read being handled
-        self._current_at = 0.0
         self._draining = False
         self._paused = False
         self._broken = False  # a frame error: nothing more is parsed
@@ -68,12 +64,9 @@ class _GatewayProtocol(ClosingProtocol):
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
-        self._backlog.append((self._loop.time(), data))
+        self._reads.add(data, self._loop.time())
         if not self._draining:
             self._drain()
-
-    def _waiting(self) -> bool:
-        return self._current is not None or bool(self._backlog)
 
     def _drain(self) -> None:
         """Handle up to ``REPORTS_PER_TURN`` messages, in order; the rest on later turns, with
@@ -81,13 +74,12 @@ class _GatewayProtocol(ClosingProtocol):
         so, messages wait (each at most ``hold_s`` after it was read)."""
         self._draining = False
         client = self._client
-        if self._waiting() and client.hold_s and client.hold():
-            oldest = self._current_at if self._current is not None else self._backlog[0][0]
-            if self._loop.time() - oldest < client.hold_s:
-                self._later(HOLD_POLL_S)
-                return
+        oldest = self._reads.oldest_at()
+        if oldest is not None and client.hold_s and client.hold() and self._loop.time() - oldest < client.hold_s:
+            self._later(HOLD_POLL_S)
+            return
         self._handle(REPORTS_PER_TURN)
-        if self._waiting():
+        if self._reads.waiting():
             self._later(0.0)
         elif self._paused:
             self._paused = False
@@ -100,23 +92,15 @@ class _GatewayProtocol(ClosingProtocol):
         dispatch = self._client._dispatch
         done = 0
         while most is None or done < most:
-            if self._current is None:
-                if not self._backlog:
-                    return
-                self._current_at, data = self._backlog.popleft()
-                self._current = self._reader.feed(data)
             try:
-                obj = next(self._current)
-            except StopIteration:
-                self._current = None
-                continue
+                more, obj = self._reads.next()
             except FrameError as exc:
-                self._current = None
-                self._backlog.clear()
                 self._broken = True
                 self._client.on_event("frame_error", str(exc))
                 if self._transport is not None:
                     self._transport.abort()
+                return
+            if not more:
                 return
             dispatch(wire.decode(obj))
             done += 1

@@ -7,7 +7,9 @@ drops the connection.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 import msgpack
 
@@ -123,3 +125,49 @@ def _declared_length(buf: bytearray, at: int) -> int | None:
     if width is None or at + 1 + width > len(buf):
         return None
     return int.from_bytes(buf[at + 1 : at + 1 + width], "big")
+
+
+Stamp = TypeVar("Stamp", int, float)
+
+
+class ReadBacklog(Generic[Stamp]):
+    """Reads kept as bytes, each with when it was read, and parsed one message at a time as the
+    owner asks: a protocol handles a slice of them per turn of the event loop, so the loop reads
+    (and stamps) the socket between slices, and a burst costs nothing while it waits."""
+
+    def __init__(self, max_frame_bytes: int) -> None:
+        self._reader = FrameReader(max_frame_bytes)
+        self._reads: deque[tuple[Stamp, bytes]] = deque()
+        self._current: Iterator[object] | None = None  # the messages of the read being parsed
+        self.current_at: Stamp | None = None  # when the read of the last message given was read
+
+    def add(self, data: bytes, at: Stamp) -> None:
+        self._reads.append((at, data))
+
+    def waiting(self) -> bool:
+        """Whether anything read is not yet parsed (or may still hold a message)."""
+        return self._current is not None or bool(self._reads)
+
+    def oldest_at(self) -> Stamp | None:
+        """When the oldest read not yet all handed on was read; None when nothing waits."""
+        if self._current is not None:
+            return self.current_at
+        return self._reads[0][0] if self._reads else None
+
+    def next(self) -> tuple[bool, object]:
+        """(True, the next message) or (False, None) when nothing read is left. A frame error
+        (``FrameError``) raises, and everything read is dropped: a byte stream cannot resync."""
+        while True:
+            if self._current is None:
+                if not self._reads:
+                    return False, None
+                self.current_at, data = self._reads.popleft()
+                self._current = self._reader.feed(data)
+            try:
+                return True, next(self._current)
+            except StopIteration:
+                self._current = None
+            except FrameError:
+                self._current = None
+                self._reads.clear()
+                raise

@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, cast
@@ -33,7 +32,7 @@ import orjson
 
 from broker import protocol as wire
 from broker.errors import FrameError
-from broker.framing import FrameReader
+from broker.framing import ReadBacklog
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,12 +74,9 @@ MESSAGES_PER_TURN = 32
 class _SimProtocol(asyncio.Protocol):
     def __init__(self, sim: BrokerSimulator) -> None:
         self._sim = sim
-        self._reader = FrameReader(sim.config.max_frame_bytes)
+        self._reads: ReadBacklog[int] = ReadBacklog(sim.config.max_frame_bytes)
         self._transport: asyncio.Transport | None = None
         self._packer = msgpack.Packer()
-        self._backlog: deque[tuple[bytes, int]] = deque()  # reads not yet handled, with their stamps
-        self._current: Iterator[object] | None = None  # the messages of the read being handled
-        self._current_ts = 0
         self._scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,7 +99,7 @@ class _SimProtocol(asyncio.Protocol):
         # Received when the bytes were read: once per read, as the daemon stamps its feed (a
         # stamp per message would charge the simulator's own work on the read's earlier
         # messages to the later ones), and handled a slice per turn of the loop.
-        self._backlog.append((data, time.time_ns()))
+        self._reads.add(data, time.time_ns())
         if not self._scheduled:
             self._work(MESSAGES_PER_TURN)
 
@@ -112,24 +108,17 @@ class _SimProtocol(asyncio.Protocol):
         self._scheduled = False
         done = 0
         while most is None or done < most:
-            if self._current is None:
-                if not self._backlog:
-                    return
-                data, self._current_ts = self._backlog.popleft()
-                self._current = self._reader.feed(data)
             try:
-                obj = next(self._current)
-            except StopIteration:
-                self._current = None
-                continue
+                more, obj = self._reads.next()
             except FrameError:
-                self._current = None
-                self._backlog.clear()
                 self._sim.malformed += 1
                 if self._transport is not None:
                     self._transport.abort()
                 return
-            self._sim._handle(self, wire.decode(obj), self._current_ts)
+            if not more:
+                return
+            assert self._reads.current_at is not None
+            self._sim._handle(self, wire.decode(obj), self._reads.current_at)
             done += 1
         self._scheduled = True
         asyncio.get_running_loop().call_soon(self._work, MESSAGES_PER_TURN)
