@@ -136,7 +136,13 @@ class Journal:
                 while done < len(whole):
                     done += os.write(self._fd, whole[done:])
             if self.fsync != "none" or force:
-                os.fsync(self._fd)
+                with self._fd_lock:
+                    # A failed write-back is reported to one fsync of the file only: if the
+                    # flusher's fsync took it, ``failed`` says so by now, and this one must not
+                    # pass for a clean sync (the orders it is for would leave).
+                    if self.failed is not None:
+                        raise self.failed
+                    os.fsync(self._fd)
         except OSError as exc:
             # What reached the file is unknown (a short write, a page the kernel could not write
             # back): writing again could tear a record mid-file, so nothing more is written.

@@ -87,13 +87,16 @@ class _SimProtocol(asyncio.Protocol):
         self._sim._live.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._work(None)  # what arrived before the connection went is received all the same
+        self.handle_what_was_read()  # what arrived before the connection went is received all the same
         self._transport = None
         self._sim._live.discard(self)
 
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def handle_what_was_read(self) -> None:
+        self._work(None)
 
     def data_received(self, data: bytes) -> None:
         # Received when the bytes were read: once per read, as the daemon stamps its feed (a
@@ -196,10 +199,12 @@ class BrokerSimulator:
         if self._server is not None:
             self._server.close()
             for conn in list(self._live):
+                conn.handle_what_was_read()  # read before it vanished: received, as it was read
                 conn.abort()
             await self._server.wait_closed()
         if self._log is not None:
-            self._log.close()
+            log, self._log = self._log, None  # a report still due after this is not logged
+            log.close()
 
     def _handle(self, conn: _SimProtocol, message: wire.GatewayMessage, ts_recv: int) -> None:
         match message:

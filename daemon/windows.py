@@ -72,7 +72,11 @@ class FeatureWindows:
         self._raw_rows = _as_rows(self.buf.reshape(n * window, f))
         self._norm_rows = _as_rows(self._norm.reshape(n * 2 * window, f))
         # Every run of W rows (of one item each) as a row of a [.., W] view: a window, by its start.
-        self._windows = np.lib.stride_tricks.sliding_window_view(self._norm_rows, window)
+        self._windows = (
+            np.lib.stride_tricks.sliding_window_view(self._norm_rows, window)
+            if n
+            else np.empty((0, window), dtype=self._norm_rows.dtype)
+        )
         self._norm[:] = self._normalised(self.buf[0, 0] if n else np.zeros(f, dtype=np.float32))
 
     def push(
@@ -194,8 +198,8 @@ class FeatureWindows:
         """Write the normalised windows of ``symbols`` (oldest bar first) into ``out`` [n, W, F]."""
         n = len(symbols)
         w = self.window
-        if not out.flags.c_contiguous:
-            raise ValueError("gather writes into a C-contiguous [n, W, F] buffer")
+        if not out.flags.c_contiguous or out.dtype != np.float32:
+            raise ValueError("gather writes into a C-contiguous float32 [n, W, F] buffer")
         starts = symbols * (2 * w) + self._head[symbols]
         _as_rows(out.reshape(n * w, out.shape[2])).reshape(n, w)[...] = self._windows[starts]
 

@@ -439,3 +439,23 @@ async def test_simulator_handles_a_read_a_slice_per_turn_so_later_reads_are_stam
     transport.close()
     theirs.close()
     await sim.close()
+
+
+async def test_simulator_closing_with_a_read_still_being_handled_receives_and_logs_all_of_it(tmp_path: Path) -> None:
+    """What the simulator read before it vanished counts as received, however many slices of it
+    were still waiting their turn."""
+    sim = BrokerSimulator(SimConfig(), tmp_path / "orders.jsonl")
+    port = await sim.start()
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    packer = msgpack.Packer()
+    writer.write(
+        b"".join(
+            packer.pack(wire.encode(wire.NewOrder(f"C{k}", "AAA", wire.Side.BUY, 1, 1.0, ts=1))) for k in range(300)
+        )
+    )
+    await writer.drain()
+    await wait_for(lambda: len(sim.received) > 0, what="the first slice")
+    await sim.close()
+    assert len(sim.received) == 300
+    assert [o["cl_ord_id"] for o in read_orders(tmp_path / "orders.jsonl")] == [f"C{k}" for k in range(300)]
+    writer.close()

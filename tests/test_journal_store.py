@@ -423,3 +423,30 @@ def test_sync_soon_under_fsync_always_or_none_is_sync(tmp_path: Path) -> None:
         assert journal._flusher is None
         assert [r["id"] for r in read_journal(tmp_path / f"{policy}.msgpack") if r["kind"] == "send"] == ["x"]
         journal.close()
+
+
+def test_sync_waiting_on_the_flushers_fsync_sees_its_failure_and_does_not_pass(tmp_path: Path) -> None:
+    """A failed write-back is reported to one fsync of a file only. A batch's sync that overlaps
+    the flusher's fsync must learn of the flusher's failure, not fsync again cleanly and let the
+    batch's orders leave."""
+    journal = Journal(tmp_path / "journal.msgpack", "batch")
+    journal.append(rec.Send(ts=1, id="x"))
+    outcome: list[BaseException | None] = []
+    with journal._fd_lock:  # the flusher, mid-fsync
+        batch = threading.Thread(target=lambda: outcome.append(_sync_outcome(journal)))
+        batch.start()
+        batch.join(0.2)
+        assert batch.is_alive()  # the batch's sync waits for the flusher's fsync
+        journal.failed = JournalError(str(journal.path), "fsync", OSError(5, "EIO"))  # the flusher's error
+    batch.join(5.0)
+    assert isinstance(outcome[0], JournalError) and outcome[0].operation == "fsync"
+    journal.failed = None
+    journal.close()
+
+
+def _sync_outcome(journal: Journal) -> BaseException | None:
+    try:
+        journal.sync()
+    except JournalError as exc:
+        return exc
+    return None
