@@ -131,10 +131,7 @@ class Journal:
         if not pending and not force:
             return
         try:
-            with memoryview(pending) as whole:
-                done = 0
-                while done < len(whole):
-                    done += os.write(self._fd, whole[done:])
+            self._write(pending)
             if self.fsync != "none" or force:
                 with self._fd_lock:
                     # A failed write-back is reported to one fsync of the file only: if the
@@ -151,6 +148,12 @@ class Journal:
         self._size += len(pending)
         pending.clear()
 
+    def _write(self, pending: bytearray) -> None:
+        with memoryview(pending) as whole:
+            done = 0
+            while done < len(whole):
+                done += os.write(self._fd, whole[done:])
+
     def sync_soon(self) -> None:
         """``sync`` without waiting for the disk (under ``batch``): the records are written now
         and fsynced on the journal's flusher thread; under ``none`` and ``always`` as ``sync``."""
@@ -162,10 +165,7 @@ class Journal:
         if not self._pending:
             return
         try:
-            with memoryview(self._pending) as whole:
-                done = 0
-                while done < len(whole):
-                    done += os.write(self._fd, whole[done:])
+            self._write(self._pending)
         except OSError as exc:
             self.failed = JournalError(str(self.path), "sync", exc)
             raise self.failed from exc
