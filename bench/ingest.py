@@ -33,7 +33,7 @@ from daemon.engineset import EngineSet
 from daemon.feed import dbn
 from daemon.feed.columns import BarColumns, bounds_codes
 from daemon.feed.dbn_ingest import DbnFeedProtocol
-from daemon.feed.ingest import FeedProtocol
+from daemon.feed.ingest import FeedProtocol, _BarRun
 from daemon.feed.protocol import Bar, FeedBounds, bar_map, minute_end_map
 from daemon.feed.synth import SynthParams, generate
 from daemon.logs import configure_logging
@@ -202,8 +202,8 @@ async def main_async(args: argparse.Namespace) -> None:
         return run
 
     class _OneByOne(FeedProtocol):
-        def _dispatch_bars(self, group: list[Bar], ts_recv: int) -> None:
-            for bar in group:
+        def _dispatch_bars(self, run: _BarRun, ts_recv: int) -> None:
+            for bar in run.bars:
                 self._sink.on_bar(bar, ts_recv)
 
     msgpack_bar_by_bar = fed(lambda rt: _OneByOne(rt, 4096, now, bulk_decode=False), v1)

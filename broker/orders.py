@@ -303,12 +303,11 @@ class OrderBook:
         ``exposure_totals`` where the symbol has a place in it, so orders written together need
         not be booked first (they only ever hold symbols of the index)."""
         totals, index = self.exposure_totals, self._index
-        if totals is not None and index is not None:
-            i = index.get(symbol)
-            if i is not None:
-                return int(totals[i])
-            return self._positions.get(symbol, 0) + self._open_qty.get(symbol, 0)
-        return self.positions.get(symbol, 0) + self.open_qty.get(symbol, 0)
+        i = index.get(symbol) if index is not None else None
+        if totals is not None and i is not None:
+            return int(totals[i])
+        # Not in the index, or no index (then orders written together are booked at once).
+        return self._positions.get(symbol, 0) + self._open_qty.get(symbol, 0)
 
     def mark_sent(self, order: Order, ts_send: int) -> None:
         order.move(OrderState.SENT)
@@ -333,15 +332,14 @@ class OrderBook:
     def book_sent(self) -> None:
         """Book the orders written together since the last call as ``Order``s."""
         unbooked, self._unbooked = self._unbooked, []
-        counted = self.exposure_totals is not None
         book, working, open_qty = self._orders, self._working, self._open_qty
-        set_open = dict.__setitem__ if counted else Ledger.__setitem__  # the array has them already
         for sent in unbooked:
             for order in sent.orders():
                 book[order.cl_ord_id] = order
                 working[order.cl_ord_id] = order
                 symbol = order.symbol
-                set_open(
+                # The plain dict's set: ``add_sent_columns`` counted them in the array already.
+                dict.__setitem__(
                     open_qty, symbol, open_qty.get(symbol, 0) + (order.qty if order.side is Side.BUY else -order.qty)
                 )
 

@@ -366,8 +366,8 @@ class Runtime:
         elif self._timer is None and self._inflight is None:
             self._arm_timer()
 
-    def on_bar_group(self, bars: list[Bar], ts_recv: int) -> None:
-        self.on_bars(from_bars(bars, self.windows.index), ts_recv)
+    def on_bar_group(self, bars: list[Bar], ts_recv: int, values: npt.NDArray[np.float64] | None = None) -> None:
+        self.on_bars(from_bars(bars, self.windows.index, values), ts_recv)
 
     def on_rejected(self, rejected: Rejected, ts_recv: int) -> None:
         self.stats.bars_received += 1

@@ -225,7 +225,7 @@ class _RaisingSink:
             raise RuntimeError("a bug in the sink")
         self.bars.append(message.seq)
 
-    def on_bar_group(self, bars: list[Bar], ts_recv: int) -> None:
+    def on_bar_group(self, bars: list[Bar], ts_recv: int, values: object = None) -> None:
         for one in bars:
             self.on_bar(one, ts_recv)
 

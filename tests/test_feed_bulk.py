@@ -39,7 +39,7 @@ class Sink:
     def on_bar(self, bar: Bar, ts: int) -> None:
         self.events.append(("bar", bar))
 
-    def on_bar_group(self, bars: list[Bar], ts: int) -> None:
+    def on_bar_group(self, bars: list[Bar], ts: int, values: object = None) -> None:
         self.events += [("bar", b) for b in bars]
 
     def on_minute_end(self, m: Any, ts: int) -> None:

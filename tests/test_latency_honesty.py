@@ -26,7 +26,7 @@ class _Recording:
     def on_bar(self, message: Bar, ts_recv: int) -> None:
         self.seen.append((f"bar{message.seq}", ts_recv))
 
-    def on_bar_group(self, bars: list[Bar], ts_recv: int) -> None:
+    def on_bar_group(self, bars: list[Bar], ts_recv: int, values: object = None) -> None:
         for one in bars:
             self.on_bar(one, ts_recv)
 

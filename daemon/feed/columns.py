@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from daemon.feed.dbn import CHECK_REASONS
-from daemon.feed.protocol import Bar, FeedBounds, RejectReason
+from daemon.feed.protocol import Bar, FeedBounds, RejectReason, bar_values
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -84,20 +84,23 @@ def bounds_codes(
     np.copyto(codes, found, where=codes == 0)
 
 
-def from_bars(bars: Sequence[Bar], index: Mapping[str, int]) -> BarColumns:
-    """Decoded v1 bars as columns (codes all 0: ``bounds_codes`` is the runtime's to apply)."""
+def from_bars(
+    bars: Sequence[Bar], index: Mapping[str, int], values: npt.NDArray[np.float64] | None = None
+) -> BarColumns:
+    """Decoded v1 bars as columns (codes all 0: ``bounds_codes`` is the runtime's to apply);
+    ``values``: their ``bar_values`` when the decoder made them already."""
     n = len(bars)
     names = [b.symbol for b in bars]
-    prev = [b.prev_close for b in bars]
+    o, h, lo, c, v, prev = bar_values(bars) if values is None else values
     return BarColumns(
         idx=np.fromiter((index.get(s, -1) for s in names), dtype=np.int64, count=n),
         ts=np.fromiter((b.ts for b in bars), dtype=np.int64, count=n),
-        open=np.fromiter((b.open for b in bars), dtype=np.float64, count=n),
-        high=np.fromiter((b.high for b in bars), dtype=np.float64, count=n),
-        low=np.fromiter((b.low for b in bars), dtype=np.float64, count=n),
-        close=np.fromiter((b.close for b in bars), dtype=np.float64, count=n),
-        volume=np.fromiter((b.volume for b in bars), dtype=np.float64, count=n),
-        prev_close=np.array([np.nan if p is None else p for p in prev], dtype=np.float64),
+        open=o,
+        high=h,
+        low=lo,
+        close=c,
+        volume=v,
+        prev_close=prev,
         codes=np.zeros(n, dtype=np.uint8),
         names=names,
         seq=np.fromiter((b.seq for b in bars), dtype=np.int64, count=n),

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
 import msgpack
+import numpy as np
+import numpy.typing as npt
 
 from broker.errors import FrameError
 from broker.framing import FrameReader
@@ -33,13 +35,21 @@ _KINDS: dict[type, str] = {
 }
 
 
+class _BarRun(NamedTuple):
+    """Consecutive bars of a read, with their ``bar_values`` when bulk decoding made them."""
+
+    bars: list[Bar]
+    values: npt.NDArray[np.float64] | None
+
+
 class FeedSink(Protocol):
     """What ingest hands its messages to (the runtime)."""
 
     def on_bar(self, bar: Bar, ts_recv: int) -> None: ...
 
-    def on_bar_group(self, bars: list[Bar], ts_recv: int) -> None:
-        """Consecutive bars of one read (a minute's, usually), handed on together."""
+    def on_bar_group(self, bars: list[Bar], ts_recv: int, values: npt.NDArray[np.float64] | None) -> None:
+        """Consecutive bars of one read (a minute's, usually), handed on together, with their
+        ``bar_values`` where the decoder made them already (None: not made)."""
         ...
 
     def on_minute_end(self, message: MinuteEnd, ts_recv: int) -> None: ...
@@ -102,7 +112,7 @@ class FeedProtocol(PausableFeed):
         self._transport: asyncio.Transport | None = None
         self._now_ns = now_ns
         self._paused = False
-        self._pending: Iterator[list[Bar] | Message | FrameError] | None = None
+        self._pending: Iterator[_BarRun | Message | FrameError] | None = None
         self._pending_ts = 0
         self.reads_one_by_one = 0  # reads whose frames were decoded one by one (not all sound)
         self._broken = False  # a frame error ended the stream
@@ -135,7 +145,7 @@ class FeedProtocol(PausableFeed):
                 self._pending = iter(self._units(data))
             ts_recv = self._pending_ts
             for unit in self._pending:
-                if type(unit) is list:
+                if type(unit) is _BarRun:
                     self._dispatch_bars(unit, ts_recv)
                 elif isinstance(unit, FrameError):
                     self._broken = True
@@ -151,30 +161,39 @@ class FeedProtocol(PausableFeed):
                     return  # the rest of this read waits in the iterator
             self._pending = None
 
-    def _units(self, data: bytes) -> list[list[Bar] | Message | FrameError]:
+    def _units(self, data: bytes) -> list[_BarRun | Message | FrameError]:
         """A read as what is handed on: runs of bars, other messages, and a frame error last if
         the bytes stop making sense. Its complete frames are decoded at once when every one is
         a sound bar, minute end or heartbeat, else one by one (for each one's reason)."""
         frames, count, error = self._reader.feed_frames(data)
-        messages: list[Message] | list[Bar | MinuteEnd | Heartbeat] | None = []
-        if count:
-            messages = decode_frames(frames, count) if self._bulk_decode else None
-        if messages is None:
+        messages: list[Message] | list[Bar | MinuteEnd | Heartbeat] = []
+        values: npt.NDArray[np.float64] | None = None
+        decoded = decode_frames(frames, count) if count and self._bulk_decode else None
+        if decoded is not None:
+            messages, values = decoded
+        elif count:
             self.reads_one_by_one += 1
             messages, unpack_error = self._one_by_one(frames)
             error = unpack_error or error
-        units: list[list[Bar] | Message | FrameError] = []
+        units: list[_BarRun | Message | FrameError] = []
         group: list[Bar] = []
+        taken = 0  # bars before this group, in the read (``values`` rows)
+
+        def run() -> _BarRun:
+            nonlocal taken
+            start, taken = taken, taken + len(group)
+            return _BarRun(group, None if values is None else values[:, start:taken])
+
         for message in messages:
             if type(message) is Bar:
                 group.append(message)
                 continue
             if group:
-                units.append(group)
+                units.append(run())
                 group = []
             units.append(message)
         if group:
-            units.append(group)
+            units.append(run())
         if error is not None:
             units.append(error)
         return units
@@ -198,12 +217,12 @@ class FeedProtocol(PausableFeed):
             except Exception as exc:  # a bug in the decoder: escalated, the stream goes on
                 self._sink.on_internal_error(exc, "decode")
 
-    def _dispatch_bars(self, group: list[Bar], ts_recv: int) -> None:
+    def _dispatch_bars(self, run: _BarRun, ts_recv: int) -> None:
         try:
-            if len(group) == 1:
-                self._sink.on_bar(group[0], ts_recv)
+            if len(run.bars) == 1:
+                self._sink.on_bar(run.bars[0], ts_recv)
             else:
-                self._sink.on_bar_group(group, ts_recv)
+                self._sink.on_bar_group(run.bars, ts_recv, run.values)
         except Exception as exc:  # a bug in the sink: the sink escalates it
             self._sink.on_internal_error(exc, "bar")
 

@@ -12,11 +12,13 @@ symbol's last bar) is checked where that state lives.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from enum import StrEnum
 from typing import Annotated, Any
 
 import msgspec
 import numpy as np
+import numpy.typing as npt
 
 
 class RejectReason(StrEnum):
@@ -42,10 +44,14 @@ _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 _U64_MAX = (1 << 64) - 1
 _Seq = Annotated[int, msgspec.Meta(ge=0)]  # a msgpack integer is at most a u64
 _Ts = Annotated[int, msgspec.Meta(ge=_I64_MIN, le=_I64_MAX)]
+_FLOAT_MAX = 1.7976931348623157e308  # a finite float: NaN and inf fail these bounds
+_Price = Annotated[float, msgspec.Meta(gt=0.0, le=_FLOAT_MAX)]
+_Volume = Annotated[float, msgspec.Meta(ge=0.0, le=_FLOAT_MAX)]
 
 # The tags, constraints and refusal of unknown fields matter only when frames are decoded in
-# bulk (``decode_frames``): msgspec refuses what ``decode`` would reject for its type, and a
-# frame with a field it does not know (whose value it would not even look at) goes one by one.
+# bulk (``decode_frames``): msgspec refuses what ``decode`` would reject field by field (its
+# type, a price that is not positive and finite, a negative or non-finite volume), and a frame
+# with a field it does not know (whose value it would not even look at) goes one by one.
 
 
 class Bar(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar", forbid_unknown_fields=True):
@@ -54,12 +60,12 @@ class Bar(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar", fo
     seq: _Seq
     symbol: Annotated[str, msgspec.Meta(min_length=1)]
     ts: _Ts
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    prev_close: float | None = None
+    open: _Price
+    high: _Price
+    low: _Price
+    close: _Price
+    volume: _Volume
+    prev_close: _Price | None = None
 
 
 class MinuteEnd(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="minute_end", forbid_unknown_fields=True):
@@ -217,10 +223,24 @@ def decode(obj: object) -> Message:
 _FRAMES = msgspec.msgpack.Decoder(list[Bar | MinuteEnd | Heartbeat])
 
 
-def decode_frames(frames: bytes, count: int) -> list[Bar | MinuteEnd | Heartbeat] | None:
+def bar_values(bars: Sequence[Bar]) -> npt.NDArray[np.float64]:
+    """The bars' open, high, low, close, volume and previous close (NaN: none) as six
+    contiguous rows, [6, n]."""
+    nan = math.nan
+    values = np.array(
+        [(b.open, b.high, b.low, b.close, b.volume, nan if b.prev_close is None else b.prev_close) for b in bars],
+        dtype=np.float64,
+    )
+    return np.ascontiguousarray(values.reshape(len(bars), 6).T)
+
+
+def decode_frames(
+    frames: bytes, count: int
+) -> tuple[list[Bar | MinuteEnd | Heartbeat], npt.NDArray[np.float64]] | None:
     """``decode`` for ``count`` complete frames back to back, all at once (msgspec, as one array):
-    the messages, or None when any frame is not a bar, minute end or heartbeat that ``decode``
-    would return as such (the caller then decodes them one by one, for their reasons)."""
+    the messages and the bars' ``bar_values``, in order, or None when any frame is not a bar,
+    minute end or heartbeat that ``decode`` would return as such (the caller then decodes them
+    one by one, for their reasons)."""
     header = (
         bytes([0x90 | count])
         if count < 16
@@ -232,27 +252,12 @@ def decode_frames(frames: bytes, count: int) -> list[Bar | MinuteEnd | Heartbeat
         messages = _FRAMES.decode(header + frames)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    bars = [m for m in messages if type(m) is Bar]
-    if bars and not _sound(bars):
+    values = bar_values([m for m in messages if type(m) is Bar])
+    # The one rule of ``_decode_bar`` across fields, which msgspec's constraints cannot say.
+    o, h, lo, c = values[:4]
+    if (lo > np.minimum(o, c)).any() or (h < np.maximum(o, c)).any():
         return None
-    return messages
-
-
-def _sound(bars: list[Bar]) -> bool:
-    """Whether every bar passes ``_decode_bar``'s value rules (its types msgspec has checked)."""
-    n = len(bars)
-    ohlcv = np.array([(b.open, b.high, b.low, b.close, b.volume) for b in bars], dtype=np.float64).reshape(n, 5)
-    prev = np.array([1.0 if b.prev_close is None else b.prev_close for b in bars], dtype=np.float64)
-    if not (np.isfinite(ohlcv).all() and np.isfinite(prev).all()):
-        return False
-    o, h, lo, c, v = ohlcv.T
-    return bool(
-        (prev > 0.0).all()
-        and (ohlcv[:, :4] > 0.0).all()
-        and not (lo > np.minimum(o, c)).any()
-        and not (h < np.maximum(o, c)).any()
-        and not (v < 0.0).any()
-    )
+    return messages, values
 
 
 def check_bar(bar: Bar, bounds: FeedBounds, wall_ns: int, feed_ns: int | None) -> Rejected | None:
